@@ -1,0 +1,1 @@
+"""The paper recipes as YAML (installed as ``fastgait.configs``)."""

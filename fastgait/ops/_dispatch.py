@@ -1,0 +1,60 @@
+"""Choosing an implementation for an op: ``impl="reference" | "torch" | "triton" | "auto"``.
+
+- ``"reference"``: the plain PyTorch spec (``fastgait.ops.reference``), written for reading.
+- ``"torch"``: an optimised PyTorch path, where the op has one (else the reference).
+- ``"triton"``: the fused Triton kernels. CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` was set before Triton was imported (how CI checks the kernels).
+- ``"auto"`` (default): Triton on CUDA, the best PyTorch path elsewhere.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+IMPLS = ("auto", "reference", "torch", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "no Triton here"
+        return False
+    return True
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def resolve_impl(impl: str, device: torch.device, *, op: str, has_torch: bool, has_triton: bool) -> str:
+    """Turn ``impl`` (possibly ``"auto"``) into the concrete path to run on ``device``.
+
+    Raises a ValueError naming the op and the fix when the request cannot run here.
+    """
+    check_impl(impl)
+    if impl == "auto":
+        if device.type == "cuda" and has_triton and triton_importable():
+            return "triton"
+        return "torch" if has_torch else "reference"
+    if impl == "torch" and not has_torch:
+        return "reference"
+    if impl == "triton":
+        if not has_triton:
+            raise ValueError(f"{op}: there is no Triton implementation; use impl='torch' or 'reference'")
+        if not triton_importable():
+            raise RuntimeError(f"{op}: impl='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not triton_interpreter_on():
+            raise ValueError(
+                f"{op}: impl='triton' got {device.type} tensors; Triton runs on CUDA tensors, or on CPU "
+                "tensors under the interpreter (set TRITON_INTERPRET=1 before importing triton). "
+                "Use impl='auto' to pick the best path for the device."
+            )
+    return impl

@@ -1,0 +1,213 @@
+"""The plain PyTorch spec of every fused op, written for reading, not for speed.
+
+Every fast path in ``fastgait.ops`` (the ``"torch"`` and ``"triton"`` implementations) is
+tested against these functions, in value and in every gradient. The math is that of
+``shared/design/blocks.md``; section numbers below refer to it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------
+# Complementary band masks (blocks.md §2.1)
+# ----------------------------------------------------------------------------------------
+
+
+def band_height(height: int, drop_ratio: float) -> int:
+    """Rows in the band: ``floor(drop_ratio * height)`` (guarded against 0.3*10 = 2.9999...)."""
+    if not 0.0 <= drop_ratio <= 1.0:
+        raise ValueError(f"drop_ratio must lie in [0, 1], got {drop_ratio}")
+    return int(math.floor(drop_ratio * height + 1e-9))
+
+
+def band_masks(band_start: torch.Tensor, band_rows: int, height: int, dtype=torch.float32) -> torch.Tensor:
+    """The pair's first mask ``M0`` as ``[n, 1, 1, height, 1]``: 1 on ``band_start <= h < band_start + band_rows``.
+
+    ``M1 = 1 - M0``. Masks are constant over channels, frames and columns.
+    """
+    rows = torch.arange(height, device=band_start.device)
+    start = band_start.view(-1, 1)
+    inside = (rows >= start) & (rows < start + band_rows)  # [n, H]
+    return inside.to(dtype).view(-1, 1, 1, height, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# The MLA block (blocks.md §2.2)
+# ----------------------------------------------------------------------------------------
+
+
+def conv3x3x3_lrelu(x: torch.Tensor, weight: torch.Tensor, negative_slope: float) -> torch.Tensor:
+    """``c3(X) = lrelu(conv3d_3x3x3(X))``: bias-free, stride 1, 'same' padding."""
+    return F.leaky_relu(F.conv3d(x, weight, padding=1), negative_slope)
+
+
+def mla_conv3d_reference(
+    x: torch.Tensor,
+    weight_global: Optional[torch.Tensor],
+    weight_local: torch.Tensor,
+    band_start: Optional[torch.Tensor],
+    band_rows: int,
+    fuse: str = "add",
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """The MLA block, as three convolutions on materialised masked copies of ``x``.
+
+    x: ``[n, c_in, t, h, w]``; weights ``[c_out, c_in, 3, 3, 3]``; band_start ``[n]`` ints, or
+    None for evaluation (then the local branch is ``c3_l(x)``). ``weight_global=None`` gives the
+    local branch alone (the paper's LFR-only ablation). Returns ``[n, c_out, t, h, w]`` for
+    ``fuse="add"`` and ``[n, c_out, t, 2h, w]`` for ``fuse="concat"`` (global rows first).
+    """
+    if band_start is None:
+        local = conv3x3x3_lrelu(x, weight_local, negative_slope)
+    else:
+        keep_band = band_masks(band_start, band_rows, x.shape[3], x.dtype)  # M0
+        drop_band = 1.0 - keep_band  # M1
+        local = conv3x3x3_lrelu(x * keep_band, weight_local, negative_slope) + conv3x3x3_lrelu(
+            x * drop_band, weight_local, negative_slope
+        )
+    if weight_global is None:
+        return local
+    glob = conv3x3x3_lrelu(x, weight_global, negative_slope)
+    if fuse == "add":
+        return glob + local
+    if fuse == "concat":
+        return torch.cat([glob, local], dim=3)
+    raise ValueError(f"fuse must be 'add' or 'concat', got {fuse!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# GeM over horizontal strips, with the temporal max (blocks.md §5)
+# ----------------------------------------------------------------------------------------
+
+
+def strip_bounds(height: int, strips: int) -> list[tuple[int, int]]:
+    """Row ranges of ``strips`` horizontal strips: strip i is ``[i*h//s, (i+1)*h//s)``.
+
+    Equal strips when ``strips`` divides ``height`` (OpenGait's case); otherwise the
+    strips differ by at most one row and still tile the map exactly.
+    """
+    if not 1 <= strips <= height:
+        raise ValueError(f"cannot split {height} rows into {strips} strips (need 1 <= strips <= rows)")
+    return [((i * height) // strips, ((i + 1) * height) // strips) for i in range(strips)]
+
+
+def temporal_max(x: torch.Tensor) -> torch.Tensor:
+    """Max over frames, ``[n, c, t, h, w] -> [n, c, h, w]``; the gradient goes to the first max."""
+    return torch.max(x, dim=2).values
+
+
+def gem_hpp_reference(x: torch.Tensor, p: torch.Tensor, bins: Sequence[int] = (64,), eps: float = 1e-6) -> torch.Tensor:
+    """GeM-HPP: ``x`` ``[n, c, h, w]`` (or ``[n, c, t, h, w]``: temporal max first) -> ``[n, c, sum(bins)]``.
+
+    For each strip: ``(mean over its rows and columns of clamp(x, eps)^p)^(1/p)``; ``p`` is a
+    learnable tensor (one element).
+    """
+    if x.dim() == 5:
+        x = temporal_max(x)
+    powered = x.clamp(min=eps).pow(p)
+    strips = [
+        powered[:, :, lo:hi, :].mean(dim=(2, 3))
+        for strip_count in bins
+        for lo, hi in strip_bounds(x.shape[2], strip_count)
+    ]
+    return torch.stack(strips, dim=-1).pow(1.0 / p)
+
+
+# ----------------------------------------------------------------------------------------
+# Separate batch-all triplet loss (blocks.md §6)
+# ----------------------------------------------------------------------------------------
+
+
+def part_euclidean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per part Euclidean distances: ``a [p, n, c]``, ``b [p, m, c]`` -> ``[p, n, m]``.
+
+    ``sqrt(relu(|a|^2 + |b|^2 - 2 a.b))``; the relu makes the gradient 0 where the distance is 0.
+    """
+    a2 = a.pow(2).sum(-1, keepdim=True)  # [p, n, 1]
+    b2 = b.pow(2).sum(-1).unsqueeze(1)  # [p, 1, m]
+    inner = a @ b.transpose(1, 2)  # [p, n, m]
+    return F.relu(a2 + b2 - 2 * inner).sqrt()
+
+
+def _padded_columns(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a boolean ``[n, m]`` mask, the True columns in order, padded to the longest row.
+
+    Returns ``(index [n, kmax], valid [n, kmax])``; padded slots point at column 0 and are invalid.
+    """
+    counts = mask.sum(dim=1)
+    kmax = int(counts.max()) if mask.numel() else 0
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # True columns first
+    index = order[:, :kmax]
+    valid = torch.arange(kmax, device=mask.device) < counts.unsqueeze(1)
+    return index, valid
+
+
+def triplet_loss_reference(
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Separate batch-all triplet loss: ``embeddings [n, c, p]``, ``labels [n]`` (any order).
+
+    For each part: ``L[i, j, k] = relu(D[i, j] - D[i, k] + margin)`` over anchors i, positives j
+    (same label, i itself included) and negatives k; the part loss is
+    ``sum(L) / (count(L > 0) + 1e-9)`` (0 with no active triplet); the loss is the mean over
+    parts. The hinge terms are built as ``[p, n, K, n - K]`` (padded where the number of
+    positives differs between anchors), which is what the fused op avoids.
+
+    Returns ``(loss, info)``; ``info`` holds detached scalars: ``loss``, ``active_triplets``
+    (mean over parts of the active count), ``mean_pos_dist`` and ``mean_neg_dist`` (over pairs
+    i != j, mean over parts).
+    """
+    emb = embeddings.permute(2, 0, 1).float()  # [p, n, c]
+    parts = emb.shape[0]
+    dist = part_euclidean(emb, emb)  # [p, n, n]
+
+    same = labels.view(-1, 1) == labels.view(1, -1)  # [n, n]
+    pos_index, pos_valid = _padded_columns(same)  # [n, K]
+    neg_index, neg_valid = _padded_columns(~same)  # [n, N]
+    anchor_pos = dist.gather(2, pos_index.expand(parts, -1, -1))  # [p, n, K]
+    anchor_neg = dist.gather(2, neg_index.expand(parts, -1, -1))  # [p, n, N]
+
+    hinge = F.relu(anchor_pos.unsqueeze(3) - anchor_neg.unsqueeze(2) + margin)  # [p, n, K, N]
+    hinge = hinge * (pos_valid.unsqueeze(2) & neg_valid.unsqueeze(1))
+    hinge_sum = hinge.sum(dim=(1, 2, 3))  # [p]
+    active = (hinge > 0).sum(dim=(1, 2, 3)).float()  # [p]
+    part_loss = torch.where(active > 0, hinge_sum / (active + 1e-9), torch.zeros_like(hinge_sum))
+    loss = part_loss.mean()
+
+    off_diagonal = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    info = {
+        "loss": loss.detach(),
+        "active_triplets": active.mean().detach(),
+        "mean_pos_dist": _masked_mean(dist.detach(), same & off_diagonal),
+        "mean_neg_dist": _masked_mean(dist.detach(), ~same),
+    }
+    return loss, info
+
+
+def _masked_mean(dist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the pairs in ``mask [n, n]`` and over parts of ``dist [p, n, n]``; 0 when empty."""
+    count = mask.sum().clamp(min=1)
+    return (dist * mask).sum(dim=(1, 2)).div(count).mean()
+
+
+# ----------------------------------------------------------------------------------------
+# Probe x gallery distances for evaluation (blocks.md §7)
+# ----------------------------------------------------------------------------------------
+
+
+def part_distance_reference(probe: torch.Tensor, gallery: torch.Tensor, metric: str = "euc") -> torch.Tensor:
+    """Distance per part, averaged over parts: ``probe [n, c, p]``, ``gallery [m, c, p]`` -> ``[n, m]``.
+
+    ``metric="euc"``: Euclidean per part. ``metric="cos"``: ``1 - cosine similarity`` per part.
+    """
+    a = probe.permute(2, 0, 1).float()  # [p, n, c]
+    b = gallery.permute(2, 0, 1).float()  # [p, m, c]
+    if metric == "euc":
+        return part_euclidean(a, b).mean(0)
+    if metric == "cos":
+        return (1.0 - F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2)).mean(0)
+    raise ValueError(f"metric must be 'euc' or 'cos', got {metric!r}")

@@ -1,0 +1,71 @@
+"""Test helpers shared by ``tests/`` and ``bench/``: comparisons that say where and how values differ."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+from .ops import _alloc
+
+# ‖out − ref‖ tolerances per compute dtype (rtol, atol) for element-wise comparisons.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+
+@contextmanager
+def poisoned_outputs():
+    """Inside this block, fused-op outputs start as NaN / int-min, so unwritten elements fail."""
+    previous = _alloc.set_poison(True)
+    try:
+        yield
+    finally:
+        _alloc.set_poison(previous)
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    name: str = "tensor",
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> None:
+    """Element-wise ``|a - e| <= atol + rtol * |e|``; on failure, say how many, where, and NaN/inf counts."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    default_rtol, default_atol = TOLERANCES[dtype or actual.dtype]
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    inf_a = torch.isinf(a)
+    diff = (a - e).abs()
+    bad = ~(diff <= atol + rtol * e.abs()) | (nan_a != nan_e)
+    bad &= ~(nan_a & nan_e)
+    if not bool(bad.any()):
+        return
+    where = bad.nonzero()
+    first = tuple(where[0].tolist())
+    finite = diff[~nan_a & ~nan_e & ~inf_a]
+    raise AssertionError(
+        f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (rtol={rtol}, atol={atol}); "
+        f"max |diff| {float(finite.max()) if finite.numel() else float('nan'):.3e}; "
+        f"NaN in actual: {int(nan_a.sum())} (expected: {int(nan_e.sum())}), inf in actual: {int(inf_a.sum())}; "
+        f"first at {first}: actual {a[first].item():.6g}, expected {e[first].item():.6g}"
+    )
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 (NaN anywhere gives inf)."""
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    if torch.isnan(a).any() or torch.isinf(a).any():
+        return float("inf")
+    return float((a - e).norm() / e.norm().clamp(min=1e-30))

@@ -1,0 +1,173 @@
+"""Model configs: shapes, parameter counts, train/eval behaviour of the masked branches."""
+import pytest
+import torch
+
+from fastgait.models import GaitGL, GaitMask, ReverseMaskNet, build_model
+
+K3 = 27  # weights of one 3x3x3 kernel per (c_in, c_out) pair
+
+
+def _convs(*pairs, branches=1):
+    return branches * K3 * sum(c_in * c_out for c_in, c_out in pairs)
+
+
+def _stem(c):
+    return K3 * c + 3 * c * c  # conv 1->c (3x3x3) + the (3,1,1) temporal conv c->c
+
+
+CASIA_STAGES = ((32, 64), (64, 128), (128, 128))
+# (constructor, kwargs, parts, embed_dim, parameter count from the architecture of blocks.md);
+# every count ends in + 1: the learnable GeM exponent.
+CONFIGS = [
+    # GaitGL CASIA-B with its BN + CE head for 74 classes: about 3.1 M (blocks.md §4).
+    (GaitGL, dict(preset="casia-b", num_classes=74), 64, 128,
+     _stem(32) + _convs(*CASIA_STAGES, branches=2) + 64 * 128 * 128 + 2 * 128 + 64 * 128 * 74 + 1),
+    (GaitGL, dict(preset="oumvlp"), 64, 256,
+     K3 * 32 + K3 * 32 * 32 + 3 * 32 * 32
+     + _convs((32, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), branches=2) + 64 * 256 * 256 + 1),
+    (GaitMask, dict(preset="casia-b"), 64, 128, _stem(32) + _convs(*CASIA_STAGES, branches=2) + 64 * 128 * 128 + 1),
+    (GaitMask, dict(preset="oumvlp"), 64, 256,
+     K3 * 64 + K3 * 64 * 64 + 3 * 64 * 64
+     + _convs((64, 128), (128, 128), (128, 196), (196, 196), (196, 256), (256, 256), branches=2) + 64 * 256 * 256 + 1),
+    (GaitMask, dict(preset="small"), 64, 64, _stem(16) + _convs((16, 32), (32, 64), (64, 64), branches=2) + 64 * 64 * 64 + 1),
+    (ReverseMaskNet, dict(block="conv"), 32, 128, _stem(32) + _convs(*CASIA_STAGES) + 32 * 128 * 128 + 1),
+    (ReverseMaskNet, dict(block="gl"), 64, 128, _stem(32) + _convs(*CASIA_STAGES, branches=2) + 64 * 128 * 128 + 1),
+    (ReverseMaskNet, dict(block="rmb_dropping"), 32, 128, _stem(32) + _convs(*CASIA_STAGES) + 32 * 128 * 128 + 1),
+    (ReverseMaskNet, dict(block="rmb_scaling"), 32, 128, _stem(32) + _convs(*CASIA_STAGES) + 32 * 128 * 128 + 1),
+    (ReverseMaskNet, dict(block="inception"), 96, 128, _stem(32) + _convs(*CASIA_STAGES, branches=3) + 96 * 128 * 128 + 1),
+    (ReverseMaskNet, dict(preset="oumvlp", block="inception"), 96, 256,
+     _stem(64) + _convs((64, 128), (128, 256), (256, 256), branches=3) + 96 * 256 * 256 + 1),
+]
+
+
+def test_gaitgl_casia_b_is_about_3_1_million():
+    model = GaitGL("casia-b", num_classes=74)
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 3.1) < 0.05
+
+
+@pytest.mark.parametrize("cls,kwargs,parts,embed,params", CONFIGS, ids=lambda v: str(v) if isinstance(v, dict) else None)
+def test_parameter_count_and_parts(cls, kwargs, parts, embed, params):
+    model = cls(**kwargs)
+    assert model.parts == parts
+    assert model.fcs.fc_bin.shape[::2] == (parts, embed)
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+# Forward shapes on a short clip, with the smallest presets of each model (the full-size shapes
+# differ only in channel counts, covered by the parameter checks above).
+@pytest.mark.parametrize("cls,kwargs", [
+    (GaitMask, dict(preset="small")),
+    (GaitMask, dict(preset="small", branches="global")),
+    (GaitMask, dict(preset="small", branches="local")),
+    (ReverseMaskNet, dict(block="inception", channels=(4, 8, 8))),
+    (ReverseMaskNet, dict(block="rmb_scaling", channels=(4, 8, 8), region="band")),
+    (GaitGL, dict(preset="casia-b", stem=[{"in": 1, "out": 4}, {"in": 4, "out": 4, "kernel": (3, 1, 1), "stride": (3, 1, 1)}],
+                  blocks=[{"type": "gl", "in": 4, "out": 8, "halving": 3}, {"type": "maxpool"},
+                          {"type": "gl", "in": 8, "out": 8, "halving": 3, "fm_sign": True}])),
+])
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_shapes(cls, kwargs, training):
+    torch.manual_seed(0)
+    model = cls(num_classes=5, embed_dim=16, **kwargs).train(training)
+    sils = torch.rand(4, 7, 64, 44)
+    embeddings, logits = model(sils)
+    assert embeddings.shape == (4, 16, model.parts)
+    assert logits.shape == (4, 5, model.parts)
+    assert torch.isfinite(embeddings).all()
+
+
+def test_table5_branches_change_parts():
+    assert GaitMask("small").parts == 64  # MLA-B doubles the 32 rows
+    assert GaitMask("small", branches="global").parts == 32
+    assert GaitMask("small", branches="local").parts == 32
+
+
+@pytest.mark.parametrize("num_mla", [0, 1, 2, 3])
+def test_table6_num_mla(num_mla):
+    model = GaitMask("small", num_mla=num_mla)
+    kinds = [type(b).__name__ for b in model.blocks if type(b).__name__ != "MaxPoolHW"]
+    assert kinds.count("MLA") == num_mla
+    assert kinds[len(kinds) - num_mla:] == ["MLA"] * num_mla  # deepest first
+    assert model.parts == (64 if num_mla >= 1 else 32)
+    with pytest.raises(ValueError, match="num_mla"):
+        GaitMask("small", num_mla=4)
+
+
+def test_short_sequences_are_repeated():
+    model = GaitMask("small").eval()
+    for frames in (1, 2, 3):
+        assert model(torch.rand(1, frames, 64, 44)).shape == (1, 64, 64)
+
+
+def test_bad_input_shape_is_named():
+    with pytest.raises(ValueError, match=r"silhouettes \[n, t, h, w\]"):
+        GaitMask("small")(torch.rand(2, 3, 5, 64, 44))
+
+
+def test_build_model_from_config():
+    model = build_model({"name": "ReverseMaskNet", "preset": "casia-b", "block": "rmb_dropping"})
+    assert isinstance(model, ReverseMaskNet)
+    with pytest.raises(ValueError, match="model name"):
+        build_model({"name": "GaitSet"})
+    with pytest.raises(ValueError, match="preset"):
+        build_model({"name": "GaitMask", "preset": "grew"})
+
+
+def _small_gaitmask(**kwargs):
+    torch.manual_seed(1)
+    return GaitMask("small", impl="reference", **kwargs)
+
+
+def test_eval_is_deterministic_and_unmasked():
+    """In evaluation the output is repeatable and equals the unmasked path (drop_ratio 0 in training,
+    BN-free model, so train and eval differ only by the masks)."""
+    masked = _small_gaitmask().eval()
+    unmasked = _small_gaitmask(drop_ratio=0.0).train()
+    unmasked.load_state_dict(masked.state_dict())
+    sils = torch.rand(3, 9, 64, 44)
+    with torch.no_grad():
+        first, second = masked(sils), masked(sils)
+        reference = unmasked(sils)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_training_pair_is_not_a_no_op():
+    model = _small_gaitmask()
+    sils = torch.rand(3, 9, 64, 44)
+    with torch.no_grad():
+        trained = model.train()(sils)
+        evaluated = model.eval()(sils)
+    assert (trained - evaluated).abs().max() > 1e-4
+
+
+def test_seeded_training_forward_is_repeatable():
+    model = _small_gaitmask().train()
+    sils = torch.rand(3, 9, 64, 44)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        with torch.no_grad():
+            outs.append(model(sils))
+    assert torch.equal(outs[0], outs[1])
+    torch.manual_seed(124)
+    with torch.no_grad():
+        assert not torch.equal(outs[0], model(sils))
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_model_impls_agree(impl):
+    """The whole model gives the same embeddings and gradients through either PyTorch path."""
+    reference = _small_gaitmask()
+    fast = GaitMask("small", impl=impl)
+    fast.load_state_dict(reference.state_dict())
+    sils = torch.rand(2, 6, 64, 44)
+    outs = []
+    for model in (reference, fast):
+        torch.manual_seed(7)
+        out = model.train()(sils)
+        out.square().sum().backward()
+        outs.append((out, [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
+    for g_ref, g_fast in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(g_ref, g_fast, rtol=1e-3, atol=1e-4)

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..nn import C3, MLA, GLConv, InceptionRMB, PlainRMB, DropBlock, ScalingDropBlock, RandomErasing
 from ..nn import BNClassifier, GeMHPP, SeparateFCs
@@ -67,23 +68,26 @@ class GaitNet(nn.Module):
             the last feature map, so the number of parts follows from it.
         gem_p: initial GeM exponent (learnable).
         input_erasing: arguments of ``RandomErasing`` applied to the input in training, or None.
+        input_pool: average-pool the silhouettes by this factor in h and w first (1: off); the CPU
+            demo uses 2 to train on 32x22 frames.
         impl: op implementation for the fused ops (``fastgait.ops``).
     """
 
     def __init__(self, stem: Sequence[dict], blocks: Sequence[dict], embed_dim: int, num_classes: int = 0,
                  input_height: int = 64, gem_p: float = 6.5, input_erasing: Optional[dict] = None,
-                 impl: str = "auto"):
+                 input_pool: int = 1, impl: str = "auto"):
         super().__init__()
         check_impl(impl)
         self.impl = impl
         self.input_erasing = RandomErasing(**input_erasing) if input_erasing else None
+        self.input_pool = int(input_pool)
         self.stem = nn.Sequential(*[
             C3(s["in"], s["out"], s.get("kernel", 3), s.get("stride", 1),
                padding=0 if s.get("stride", 1) != 1 else None)
             for s in stem
         ])
         self.blocks = nn.Sequential(*[_build_block(spec, impl) for spec in blocks])
-        rows = input_height
+        rows = input_height // self.input_pool
         for block in self.blocks:  # blocks without out_rows keep the rows
             rows = block.out_rows(rows) if hasattr(block, "out_rows") else rows
         if rows < 1:
@@ -103,6 +107,8 @@ class GaitNet(nn.Module):
             x = x.repeat(1, 1, 3 if x.shape[2] == 1 else 2, 1, 1)
         if self.input_erasing is not None:
             x = self.input_erasing(x)
+        if self.input_pool > 1:
+            x = F.avg_pool3d(x, (1, self.input_pool, self.input_pool))
         return self.blocks(self.stem(x))
 
     def forward(self, sils: torch.Tensor):

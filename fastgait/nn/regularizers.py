@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.masks import draw_per_sample
+
 
 class DropBlock(nn.Module):
     """DropBlock (Ghiasi et al., 2018): zero ``block_size x block_size`` squares of each channel map
@@ -78,7 +80,7 @@ class RandomErasing(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         n, (h, w) = x.shape[0], x.shape[-2:]
-        gen = torch.rand(n, 5)  # drawn on the CPU: one row of choices per sequence
+        gen = draw_per_sample(lambda count: torch.rand(count, 5), n)  # one row of choices per sequence
         area = h * w * (self.area[0] + gen[:, 0] * (self.area[1] - self.area[0]))
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         aspect = torch.exp(log_lo + gen[:, 1] * (log_hi - log_lo))

@@ -6,6 +6,8 @@ most negative value (ints), so a test catches any element a kernel forgot to wri
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 _poison = False
@@ -30,3 +32,14 @@ def empty(*shape, dtype=None, device=None) -> torch.Tensor:
 
 def empty_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
     return _fill(torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format))
+
+
+def stride_order(t: torch.Tensor) -> list[int]:
+    """The dims of ``t`` from outermost to innermost in memory (its layout, as a permutation)."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
+def empty_in_layout(shape: Sequence[int], order: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A fresh tensor of ``shape`` laid out as ``order`` (see ``stride_order``), via ``_alloc``."""
+    buffer = empty(*[shape[d] for d in order], dtype=dtype, device=device)
+    return buffer.permute(*sorted(range(len(order)), key=lambda d: order[d]))

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -16,13 +15,16 @@ import torch
 IMPLS = ("auto", "reference", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=None)
+try:
+    import triton  # noqa: F401
+
+    _TRITON_IMPORTABLE = True
+except Exception:  # noqa: BLE001 - any import failure means "no Triton here"
+    _TRITON_IMPORTABLE = False
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "no Triton here"
-        return False
-    return True
+    return _TRITON_IMPORTABLE
 
 
 def triton_interpreter_on() -> bool:

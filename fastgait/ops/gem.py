@@ -1,18 +1,34 @@
 """``gem_hpp``: GeM pooling over horizontal strips, fused with the temporal max (fused_ops.md §3).
 
-Implementations: ``"reference"`` (the spec, ``fastgait.ops.reference.gem_hpp_reference``).
+Implementations:
+- ``"reference"``: the spec, ``fastgait.ops.reference.gem_hpp_reference``.
+- ``"triton"``: one pass over ``[n, c, t, h, w]`` (``fastgait.kernels.gem``) computes the max
+  over frames, the clamp, the powers and every strip of every bin, in fp32; the backward sends
+  the gradient to the first argmax frame and reduces ``d loss / d p`` from per-program
+  partials in a fixed order (deterministic). Saved for backward: the max over frames (input
+  dtype) and its frame (int16), ``[n, c, h, w]`` each, never the input.
+
+Both Triton ops are ``torch.library`` custom ops (``fastgait::gem_hpp_fwd`` / ``_bwd``) with
+fake implementations and an autograd registration, so ``torch.compile(fullgraph=True)`` traces
+through them; the output is computed in fp32 and cast to the input's dtype.
 """
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Sequence
 
 import torch
 
+from .._nvtx import nvtx_range
+from . import _alloc
 from ._checks import check_tensor
 from ._dispatch import resolve_impl
-from .reference import gem_hpp_reference
+from .reference import gem_hpp_reference, strip_bounds
 
 OP = "gem_hpp"
+MAX_FRAMES = torch.iinfo(torch.int16).max  # the argmax frame is saved as int16
+TILE_ELEMENTS = 4096  # elements of one [frames, channels, columns] row tile
 
 
 def gem_hpp(
@@ -22,10 +38,20 @@ def gem_hpp(
 
     A 5-D input is max-pooled over frames first (the gradient goes to the first maximal frame).
     ``p`` is a one-element tensor (learnable); strip i of ``b`` covers rows ``[i*h//b, (i+1)*h//b)``.
+    Any memory format is read through its strides (no copy). The Triton path computes in fp32
+    and returns the input's dtype; it assumes ``p > 0`` (GeM's domain).
     """
     bins = _check_inputs(x, p, bins, eps)
-    resolve_impl(impl, x.device, op=OP, has_torch=False, has_triton=False)
-    return gem_hpp_reference(x, p, bins, eps)
+    path = resolve_impl(impl, x.device, op=OP, has_torch=False, has_triton=True)
+    if impl == "auto" and x.dtype == torch.float64:
+        path = "reference"  # the kernels compute in fp32
+    if path == "reference":
+        return gem_hpp_reference(x, p, bins, eps)
+    if x.dim() == 5 and x.shape[2] > MAX_FRAMES:
+        raise ValueError(f"{OP}: impl='triton' takes at most {MAX_FRAMES} frames, got t={x.shape[2]}")
+    keep_frame_max = torch.is_grad_enabled() and (x.requires_grad or p.requires_grad)
+    out, _, _ = gem_hpp_fwd(x, p, list(bins), float(eps), keep_frame_max)
+    return out.to(x.dtype)
 
 
 def _check_inputs(x, p, bins, eps) -> tuple[int, ...]:
@@ -33,10 +59,182 @@ def _check_inputs(x, p, bins, eps) -> tuple[int, ...]:
     check_tensor(p, "p", op=OP, device=x.device)
     if p.numel() != 1:
         raise ValueError(f"{OP}: p must hold one value (a learnable exponent), got shape {tuple(p.shape)}")
-    bins = tuple(int(b) for b in bins)
+    try:
+        bins = tuple(operator.index(b) for b in bins)
+    except TypeError:
+        raise TypeError(f"{OP}: bins must be a sequence of ints (strip counts), got {bins!r}") from None
     height = x.shape[-2]
     if not bins or any(not 1 <= b <= height for b in bins):
         raise ValueError(f"{OP}: every bin count must lie in [1, h={height}], got bins={bins}")
     if not eps > 0:
         raise ValueError(f"{OP}: eps must be > 0 (it keeps clamp(x, eps)^p differentiable), got {eps}")
     return bins
+
+
+# ----------------------------------------------------------------------------------------
+# Allocation (shared by the real and the fake implementations, so both give the same strides)
+# ----------------------------------------------------------------------------------------
+
+
+def _frame_max_order(x_order: Sequence[int]) -> list[int]:
+    """``x``'s layout with the frame dim dropped: the layout of ``[n, c, h, w]`` frame maxima."""
+    return [d if d < 2 else d - 1 for d in x_order if d != 2]
+
+
+def _forward_outputs(x: torch.Tensor, bins: Sequence[int], keep_frame_max: bool):
+    n, c, h, w = x.shape[0], x.shape[1], x.shape[-2], x.shape[-1]
+    out = _alloc.empty(n, c, sum(bins), dtype=torch.float32, device=x.device)
+    if x.dim() == 5 and keep_frame_max:
+        order = _frame_max_order(_alloc.stride_order(x))
+        frame_max = _alloc.empty_in_layout((n, c, h, w), order, x.dtype, x.device)
+        frame_arg = _alloc.empty_in_layout((n, c, h, w), order, torch.int16, x.device)
+    else:  # a 4-D input is its own frame max; nothing to keep without backward
+        frame_max = _alloc.empty(0, dtype=x.dtype, device=x.device)
+        frame_arg = _alloc.empty(0, dtype=torch.int16, device=x.device)
+    return out, frame_max, frame_arg
+
+
+def _backward_outputs(frame_max: torch.Tensor, p: torch.Tensor, frames: int, x_order: Sequence[int]):
+    n, c, h, w = frame_max.shape
+    shape = (n, c, frames, h, w) if frames else (n, c, h, w)
+    grad_x = _alloc.empty_in_layout(shape, x_order, frame_max.dtype, frame_max.device)
+    return grad_x, _alloc.empty(tuple(p.shape), dtype=p.dtype, device=p.device)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _strip_tables(bins: tuple[int, ...], height: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ``[2, S]`` row bounds of every strip (bins in order), int32 ``[bins, h]`` strip of each row."""
+    bounds = [bound for count in bins for bound in strip_bounds(height, count)]
+    strip_rows = torch.tensor(bounds, dtype=torch.int32).t().contiguous()
+    row_strip = torch.empty(len(bins), height, dtype=torch.int32)
+    first = 0
+    for b, count in enumerate(bins):
+        for i, (lo, hi) in enumerate(strip_bounds(height, count)):
+            row_strip[b, lo:hi] = first + i
+        first += count
+    return strip_rows.to(device), row_strip.to(device)
+
+
+def _blocks(c: int, t: int, h: int, w: int) -> tuple[dict, int]:
+    import triton
+
+    block_t = min(triton.next_power_of_2(t), 16)
+    block_w = triton.next_power_of_2(w)
+    block_h = triton.next_power_of_2(h)
+    budget = max(1, TILE_ELEMENTS // max(block_t * block_w, block_h))
+    block_c = max(1, min(triton.next_power_of_2(c), budget))
+    return dict(BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_W=block_w), block_h
+
+
+def _as_5d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 5 else t.unsqueeze(2)
+
+
+@torch.library.custom_op("fastgait::gem_hpp_fwd", mutates_args=())
+def gem_hpp_fwd(
+    x: torch.Tensor, p: torch.Tensor, bins: list[int], eps: float, keep_frame_max: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward: ``(out fp32 [n, c, S], frame_max [n, c, h, w], frame_arg int16 [n, c, h, w])``.
+
+    ``frame_max``/``frame_arg`` are empty unless ``x`` is 5-D and ``keep_frame_max``.
+    """
+    import triton
+
+    from fastgait.kernels.gem import gem_hpp_fwd_kernel
+
+    with nvtx_range("fastgait.gem_hpp.forward"):
+        out, frame_max, frame_arg = _forward_outputs(x, bins, keep_frame_max)
+        x5 = _as_5d(x)
+        n, c, t, h, w = x5.shape
+        strip_rows, _ = _strip_tables(tuple(bins), h, x.device)
+        save = frame_arg.numel() > 0
+        blocks, block_h = _blocks(c, t, h, w)
+        grid = (n * triton.cdiv(c, blocks["BLOCK_C"]),)
+        gem_hpp_fwd_kernel[grid](
+            x5, p, strip_rows, out,
+            frame_max if save else out, frame_arg if save else out,
+            c, t, h, w, strip_rows.shape[1],
+            *x5.stride(),
+            *(frame_max.stride() if save else (0, 0, 0, 0)),
+            eps,
+            SAVE_FRAME_MAX=save, BLOCK_H=block_h, **blocks,
+        )  # fmt: skip
+    return out, frame_max, frame_arg
+
+
+@gem_hpp_fwd.register_fake
+def _(x, p, bins, eps, keep_frame_max):
+    return _forward_outputs(x, bins, keep_frame_max)
+
+
+@torch.library.custom_op("fastgait::gem_hpp_bwd", mutates_args=())
+def gem_hpp_bwd(
+    grad_out: torch.Tensor,
+    frame_max: torch.Tensor,
+    frame_arg: torch.Tensor,
+    out: torch.Tensor,
+    p: torch.Tensor,
+    bins: list[int],
+    eps: float,
+    frames: int,
+    x_order: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused backward: ``(grad_x, grad_p)``. ``frames = 0`` for a 4-D input (``frame_max`` is then
+    the input itself); ``x_order`` is the input's layout, which ``grad_x`` copies."""
+    import triton
+
+    from fastgait.kernels.gem import gem_hpp_bwd_kernel
+
+    with nvtx_range("fastgait.gem_hpp.backward"):
+        grad_x, grad_p = _backward_outputs(frame_max, p, frames, x_order)
+        n, c, h, w = frame_max.shape
+        t = max(frames, 1)
+        strip_rows, row_strip = _strip_tables(tuple(bins), h, frame_max.device)
+        blocks, _ = _blocks(c, t, h, w)
+        grid = (n * triton.cdiv(c, blocks["BLOCK_C"]),)
+        partials = _alloc.empty(grid[0], dtype=torch.float32, device=frame_max.device)
+        has_frames = frames > 0
+        gem_hpp_bwd_kernel[grid](
+            grad_out, out, p, frame_max, frame_arg if has_frames else frame_max,
+            strip_rows, row_strip, grad_x, partials,
+            c, t, h, w, strip_rows.shape[1], len(bins),
+            *grad_out.stride(),
+            *frame_max.stride(),
+            *(frame_arg.stride() if has_frames else (0, 0, 0, 0)),
+            *_as_5d(grad_x).stride(),
+            eps,
+            HAS_FRAMES=has_frames, **blocks,
+        )  # fmt: skip
+        grad_p.copy_(partials.sum().reshape(p.shape))
+    return grad_x, grad_p
+
+
+@gem_hpp_bwd.register_fake
+def _(grad_out, frame_max, frame_arg, out, p, bins, eps, frames, x_order):
+    return _backward_outputs(frame_max, p, frames, x_order)
+
+
+def _setup_context(ctx, inputs, output):
+    x, p, bins, eps, _ = inputs
+    out, frame_max, frame_arg = output
+    ctx.bins, ctx.eps = bins, eps
+    ctx.frames = x.shape[2] if x.dim() == 5 else 0
+    ctx.x_order = _alloc.stride_order(x)
+    ctx.mark_non_differentiable(frame_max, frame_arg)
+    ctx.save_for_backward(frame_max if x.dim() == 5 else x, frame_arg, out, p)
+
+
+def _backward(ctx, grad_out, _grad_frame_max, _grad_frame_arg):
+    frame_max, frame_arg, out, p = ctx.saved_tensors
+    if ctx.frames and frame_arg.numel() == 0:
+        raise RuntimeError(f"{OP}: the forward ran with keep_frame_max=False; it cannot be differentiated")
+    grad_x, grad_p = gem_hpp_bwd(grad_out, frame_max, frame_arg, out, p, ctx.bins, ctx.eps, ctx.frames, ctx.x_order)
+    return grad_x, grad_p, None, None, None
+
+
+gem_hpp_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -12,7 +12,28 @@ import torch
 
 from .reference import band_height, band_masks
 
-__all__ = ["band_height", "band_masks", "draw_band_starts"]
+__all__ = ["band_height", "band_masks", "draw_band_starts", "set_batch_shard", "draw_per_sample"]
+
+# (rank, world_size): this process holds slice ``rank`` of a global batch ``world_size`` times
+# larger. Per-sample draws are made for the whole global batch (every rank seeds alike) and
+# sliced, so a DDP run draws exactly what a single process with the global batch would.
+_batch_shard = (0, 1)
+
+
+def set_batch_shard(rank: int, world_size: int) -> None:
+    """Declare this process's slice of the global batch (the trainer calls this under DDP)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of {world_size}")
+    global _batch_shard
+    _batch_shard = (rank, world_size)
+
+
+def draw_per_sample(draw, batch: int):
+    """Call ``draw(global_batch)`` and return this process's ``batch`` rows of the result."""
+    rank, world = _batch_shard
+    if world == 1:
+        return draw(batch)
+    return draw(batch * world)[rank * batch : (rank + 1) * batch]
 
 
 def draw_band_starts(
@@ -32,6 +53,9 @@ def draw_band_starts(
     """
     if not 0 <= band_rows <= height:
         raise ValueError(f"band of {band_rows} rows does not fit a map of {height} rows")
-    draws = batch if per_sample else 1
-    starts = torch.randint(0, height - band_rows + 1, (draws,), device=device, generator=generator)
-    return starts.expand(batch).contiguous() if not per_sample else starts
+    def draw(count: int) -> torch.Tensor:
+        return torch.randint(0, height - band_rows + 1, (count,), device=device, generator=generator)
+
+    if per_sample:
+        return draw_per_sample(draw, batch)
+    return draw(1).expand(batch).contiguous()

@@ -159,11 +159,14 @@ def triplet_loss_reference(
 
     Returns ``(loss, info)``; ``info`` holds detached scalars: ``loss``, ``active_triplets``
     (mean over parts of the active count), ``mean_pos_dist`` and ``mean_neg_dist`` (over pairs
-    i != j, mean over parts).
+    i != j, mean over parts). ``D[i, i]`` is exactly 0 and passes no gradient.
     """
     emb = embeddings.permute(2, 0, 1).float()  # [p, n, c]
     parts = emb.shape[0]
-    dist = part_euclidean(emb, emb)  # [p, n, n]
+    # D[i, i] is 0 exactly: the expanded formula leaves rounding noise there (about 1e-2 at
+    # c = 128), whose 1/D gradient would be noise too.
+    self_pairs = torch.eye(emb.shape[1], dtype=torch.bool, device=emb.device)
+    dist = part_euclidean(emb, emb).masked_fill(self_pairs, 0.0)  # [p, n, n]
 
     same = labels.view(-1, 1) == labels.view(1, -1)  # [n, n]
     pos_index, pos_valid = _padded_columns(same)  # [n, K]
@@ -178,11 +181,10 @@ def triplet_loss_reference(
     part_loss = torch.where(active > 0, hinge_sum / (active + 1e-9), torch.zeros_like(hinge_sum))
     loss = part_loss.mean()
 
-    off_diagonal = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     info = {
         "loss": loss.detach(),
         "active_triplets": active.mean().detach(),
-        "mean_pos_dist": _masked_mean(dist.detach(), same & off_diagonal),
+        "mean_pos_dist": _masked_mean(dist.detach(), same & ~self_pairs),
         "mean_neg_dist": _masked_mean(dist.detach(), ~same),
     }
     return loss, info

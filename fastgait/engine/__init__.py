@@ -1,0 +1,1 @@
+"""Training machinery: checkpoints, distributed helpers, the trainer and model evaluation."""

@@ -27,10 +27,11 @@ setup(
         "tqdm>=4.60",
         "pyyaml>=6.0",
         "pillow>=9.0",
+        "matplotlib>=3.5",
     ],
     extras_require={
         "dev": ["pytest>=7.0", "pytest-benchmark>=4.0"],
-        "bench": ["pytest>=7.0", "pytest-benchmark>=4.0", "matplotlib>=3.5"],
+        "bench": ["pytest>=7.0", "pytest-benchmark>=4.0"],
     },
     entry_points={"console_scripts": ["fastgait-train=fastgait.train:main"]},
 )

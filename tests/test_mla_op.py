@@ -1,0 +1,272 @@
+"""``fastgait.ops.mla_conv3d`` against the reference MLA block, in value and in every gradient.
+
+Triton runs in the interpreter here (CPU tensors, fp32; the root conftest.py sets
+TRITON_INTERPRET), so shapes are tiny; the ``gpu`` test checks bf16 at the CASIA-B shapes.
+Each case gets fresh random inputs from its own seed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import pytest
+import torch
+
+from fastgait.ops import draw_band_starts, mla_conv3d
+from fastgait.ops.mla import DEFAULT_DESIGN, DESIGNS, mla_conv3d_triton
+from fastgait.ops.reference import band_height as band_rows_for, mla_conv3d_reference
+from fastgait.testing import assert_close, poisoned_outputs, relative_error
+
+# "torch" is the band-aware PyTorch path; the others are the two Triton designs.
+IMPLS = ("torch",) + tuple(f"triton-{design}" for design in DESIGNS)
+OUTPUT_AND_GRADS = ("y", "dx", "dweight_global", "dweight_local")
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int = 2
+    c_in: int = 3
+    c_out: int = 4
+    t: int = 2
+    h: int = 7
+    w: int = 5
+    band_rows: int = 2
+    band_starts: Optional[tuple[int, ...]] = (1, 4)  # None: evaluation
+    fuse: str = "add"
+    has_global: bool = True
+    seed: int = 0
+
+
+# H is never a multiple of a block size, W is odd; bands of 1..4 rows exercise every way the
+# boundary rows and the rows next to them can coincide.
+CASES = {
+    "per-sample": Case(),
+    "top-concat": Case(t=3, h=6, w=3, band_rows=3, band_starts=(0, 0), fuse="concat", seed=1),
+    "bottom-T1": Case(t=1, band_rows=3, band_starts=(4, 4), seed=2),
+    "rows1-edges": Case(t=4, h=5, band_rows=1, band_starts=(0, 4), seed=3),
+    "rows4-T5": Case(n=2, c_in=8, c_out=17, t=5, h=9, w=7, band_rows=4, band_starts=(2, 5), seed=4),
+    "height0": Case(band_rows=0, band_starts=(0, 3), seed=5),
+    "heightH": Case(band_rows=7, band_starts=(0, 0), fuse="concat", seed=6),
+    "eval": Case(band_starts=None, seed=7),
+    "local-only": Case(n=1, t=3, band_rows=5, band_starts=(1,), has_global=False, fuse="concat", seed=8),
+}
+
+
+def make_inputs(case: Case, layout: str = "contiguous", device: str = "cpu"):
+    """Fresh inputs for ``case``: (x, weight_global, weight_local, band_start), leaves with grad."""
+    torch.manual_seed(case.seed)
+    shape = (case.n, case.c_in, case.t, case.h, case.w)
+    if layout == "contiguous":
+        x = torch.randn(shape, device=device)
+    elif layout == "channels-last":
+        x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "strided":  # every other column of a wider map, frames and rows swapped in memory
+        wide = torch.randn(case.n, case.c_in, case.h, case.t, 2 * case.w, device=device)
+        x = wide.transpose(2, 3)[..., ::2]
+    else:
+        raise ValueError(layout)
+    scale = 1.0 / math.sqrt(27 * case.c_in)
+    weight_local = torch.randn(case.c_out, case.c_in, 3, 3, 3, device=device) * scale
+    weight_global = torch.randn(case.c_out, case.c_in, 3, 3, 3, device=device) * scale if case.has_global else None
+    band_start = None if case.band_starts is None else torch.tensor(case.band_starts, device=device)
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, weight_global, weight_local)]
+    return (*leaves, band_start)
+
+
+def run(impl: str, x, weight_global, weight_local, band_start, case: Case):
+    args = (x, weight_global, weight_local, band_start, case.band_rows, case.fuse)
+    if impl.startswith("triton-"):
+        return mla_conv3d_triton(*args, design=impl.split("-", 1)[1])
+    return mla_conv3d(*args, impl=impl)
+
+
+def check_against_reference(impl: str, case: Case, layout: str = "contiguous"):
+    """Output and the gradients of x and both weights match the reference block's autograd."""
+    x, weight_global, weight_local, band_start = make_inputs(case, layout)
+    named = {"x": x, "weight_global": weight_global, "weight_local": weight_local}
+    names = [name for name, leaf in named.items() if leaf is not None]
+    leaves = [named[name] for name in names]
+
+    y = run(impl, x, weight_global, weight_local, band_start, case)
+    expected = mla_conv3d_reference(x, weight_global, weight_local, band_start, case.band_rows, case.fuse)
+    assert_close(y, expected, name=f"{impl} y")
+    upstream = torch.randn_like(expected)
+    grads = torch.autograd.grad(y, leaves, upstream)
+    expected_grads = torch.autograd.grad(expected, leaves, upstream)
+    for name, grad, expected_grad in zip(names, grads, expected_grads):
+        assert_close(grad, expected_grad, name=f"{impl} d{name}")
+    return y
+
+
+def assert_relative_errors_below(tolerance, names, actuals, references):
+    for name, actual, reference in zip(names, actuals, references):
+        error = relative_error(actual.float(), reference.float())
+        assert error < tolerance, f"{name}: relative error {error:.2e} vs the reference (tolerance {tolerance})"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_matches_reference(impl, case_name):
+    check_against_reference(impl, CASES[case_name])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seed", [11, 12])
+def test_matches_reference_more_seeds(impl, seed):
+    check_against_reference(impl, replace(CASES["per-sample"], seed=seed, band_starts=(seed % 5, 5 - seed % 5)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["channels-last", "strided"])
+def test_memory_layouts(impl, layout):
+    y = check_against_reference(impl, replace(CASES["per-sample"], seed=21), layout)
+    if impl.startswith("triton") and layout == "channels-last":
+        assert y.is_contiguous(memory_format=torch.channels_last_3d), "channels-last-3d in, channels-last-3d out"
+
+
+def test_triton_impl_runs_the_default_design_and_takes_int32_bands():
+    case = CASES["per-sample"]
+    x, weight_global, weight_local, band_start = make_inputs(case)
+    via_impl = mla_conv3d(x, weight_global, weight_local, band_start.int(), case.band_rows, impl="triton")
+    direct = mla_conv3d_triton(x, weight_global, weight_local, band_start, case.band_rows, design=DEFAULT_DESIGN)
+    assert torch.equal(via_impl, direct)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_autocast_casts_like_a_convolution(design):
+    """Under autocast the op casts x and the weights first (custom ops are not auto-cast).
+
+    CPU autocast to fp16 here (the interpreter computes fp16, not bf16), against the reference
+    block under the same autocast: at these tiny sizes one pre-activation near 0 whose sign
+    fp16 flips moves a gradient by ~1% from an fp32 reference, for the reference block too.
+    """
+    case = CASES["per-sample"]
+    x, weight_global, weight_local, band_start = make_inputs(case)
+    leaves = (x, weight_global, weight_local)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = mla_conv3d_triton(x, weight_global, weight_local, band_start, case.band_rows, design=design)
+        expected = mla_conv3d_reference(x, weight_global, weight_local, band_start, case.band_rows)
+    assert y.dtype == expected.dtype == torch.float16
+    upstream = torch.randn_like(expected)
+    grads = torch.autograd.grad(y, leaves, upstream)
+    assert [g.dtype for g in grads] == [torch.float32] * 3, "gradients flow back through the casts"
+    expected_grads = torch.autograd.grad(expected, leaves, upstream)
+    assert_relative_errors_below(5e-3, OUTPUT_AND_GRADS, (y, *grads), (expected, *expected_grads))
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_every_output_element_is_written(design):
+    """Outputs start as NaN (``poisoned_outputs``): an element a kernel forgets fails the match."""
+    with poisoned_outputs():
+        check_against_reference(f"triton-{design}", replace(CASES["rows4-T5"], c_in=3, c_out=5, seed=31))
+
+
+@pytest.mark.parametrize(
+    "design, case_name", [("hybrid", "per-sample"), ("gemm", "local-only"), (DEFAULT_DESIGN, "eval")]
+)
+def test_opcheck(design, case_name):
+    case = CASES[case_name]
+    x, weight_global, weight_local, band_start = make_inputs(case)
+    args = (x, weight_global, weight_local, band_start, case.band_rows, case.fuse, 0.01, design)
+    torch.library.opcheck(torch.ops.fastgait.mla_conv3d.default, args)
+    y, gates = torch.ops.fastgait.mla_conv3d(*args)
+    inputs = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:4]]
+    torch.library.opcheck(
+        torch.ops.fastgait.mla_conv3d_backward.default, (torch.randn_like(y), *inputs, gates, *args[4:])
+    )
+
+
+def test_compile_fullgraph_forward_backward():
+    case = CASES["per-sample"]
+    x, weight_global, weight_local, band_start = make_inputs(case, "channels-last")
+
+    def block(x, weight_global, weight_local, band_start):
+        return mla_conv3d(x, weight_global, weight_local, band_start, case.band_rows, case.fuse, impl="triton")
+
+    expected = mla_conv3d_reference(x, weight_global, weight_local, band_start, case.band_rows, case.fuse)
+    upstream = torch.randn_like(expected)
+    leaves = (x, weight_global, weight_local)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a cached graph may predate an op change
+        y = compiled(x, weight_global, weight_local, band_start)
+        grads = torch.autograd.grad(y, leaves, upstream)
+    assert_close(y, expected, name="compiled y")
+    expected_grads = torch.autograd.grad(expected, leaves, upstream)
+    for name, grad, expected_grad in zip(("x", "weight_global", "weight_local"), grads, expected_grads):
+        assert_close(grad, expected_grad, name=f"compiled d{name}")
+
+
+# ----------------------------------------------------------------------------------------
+# Clear errors at the op boundary
+# ----------------------------------------------------------------------------------------
+
+
+def bad_call(impl="triton", **changes):
+    case = CASES["per-sample"]
+    x, weight_global, weight_local, band_start = make_inputs(case)
+    args = dict(
+        x=x, weight_global=weight_global, weight_local=weight_local, band_start=band_start,
+        band_height=case.band_rows,
+    )  # fmt: skip
+    args.update(changes)
+    return mla_conv3d(**args, impl=impl)
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        (dict(x=torch.randn(2, 3, 7, 5)), ValueError, "x must be 5-D"),
+        (dict(x=torch.zeros(2, 3, 2, 7, 5, dtype=torch.int64)), TypeError, "x has dtype torch.int64"),
+        (dict(weight_local=torch.randn(4, 3, 3, 3, 3, dtype=torch.float64)), TypeError, "share one dtype"),
+        (dict(weight_local=torch.randn(4, 2, 3, 3, 3)), ValueError, "c_in=3"),
+        (dict(weight_global=torch.randn(5, 3, 3, 3, 3)), ValueError, "same shape"),
+        (dict(band_start=torch.tensor([0, 6])), ValueError, "inside the map"),
+        (dict(band_start=torch.tensor([-1, 0])), ValueError, "inside the map"),
+        (dict(band_start=torch.tensor([1])), ValueError, "1 entries for a batch of 2"),
+        (dict(band_start=torch.tensor([0.0, 1.0])), TypeError, "band_start has dtype"),
+        (dict(band_height=8), ValueError, "band_height=8"),
+        (dict(weight_local=torch.randn(4, 3, 3, 3, 3, device="meta")), ValueError, "is on meta"),
+        (dict(band_start=torch.tensor([0, 1], device="meta")), ValueError, "is on meta"),
+        (dict(fuse="mul"), ValueError, "fuse must be one of"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(changes, error, match):
+    with pytest.raises(error, match=match):
+        bad_call(**changes)
+
+
+def test_bad_design_and_dtype_for_triton():
+    case = CASES["per-sample"]
+    x, weight_global, weight_local, band_start = make_inputs(case)
+    with pytest.raises(ValueError, match="design must be one of"):
+        mla_conv3d_triton(x, weight_global, weight_local, band_start, case.band_rows, design="cudnn")
+    doubles = [t.double() for t in (x, weight_global, weight_local)]
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        mla_conv3d(*doubles, band_start, case.band_rows, impl="triton")
+
+
+# ----------------------------------------------------------------------------------------
+# GPU: bf16 under autocast at the CASIA-B shapes, against an fp32 reference
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize(
+    "c_in, c_out, h, w, fuse", [(32, 64, 64, 44, "add"), (64, 128, 32, 22, "add"), (128, 128, 32, 22, "concat")]
+)
+def test_bf16_parity_casia_shapes(design, c_in, c_out, h, w, fuse):
+    case = Case(n=8, c_in=c_in, c_out=c_out, t=10, h=h, w=w, band_rows=band_rows_for(h, 0.4), fuse=fuse, seed=41)
+    x, weight_global, weight_local, _ = make_inputs(case, "channels-last", device="cuda")
+    band_start = draw_band_starts(case.n, h, case.band_rows, device=torch.device("cuda"))
+    leaves = (x, weight_global, weight_local)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = mla_conv3d_triton(x, weight_global, weight_local, band_start, case.band_rows, fuse, design=design)
+    assert y.dtype == torch.bfloat16
+    expected = mla_conv3d_reference(x, weight_global, weight_local, band_start, case.band_rows, fuse)
+    upstream = torch.randn_like(expected)
+    grads = torch.autograd.grad(y, leaves, upstream.to(y.dtype))
+    expected_grads = torch.autograd.grad(expected, leaves, upstream)
+    assert_relative_errors_below(1e-2, OUTPUT_AND_GRADS, (y, *grads), (expected, *expected_grads))

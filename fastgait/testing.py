@@ -36,7 +36,9 @@ def assert_close(
     atol: Optional[float] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> None:
-    """Element-wise ``|a - e| <= atol + rtol * |e|``; on failure, say how many, where, and NaN/inf counts."""
+    """Element-wise ``|a - e| <= atol * max(1, max|e|) + rtol * |e|`` (``atol`` scales with the
+    tensor, since sums of many terms round at the scale of their largest terms); on failure,
+    say how many, where, and NaN/inf counts."""
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     default_rtol, default_atol = TOLERANCES[dtype or actual.dtype]
@@ -47,7 +49,9 @@ def assert_close(
     nan_a, nan_e = torch.isnan(a), torch.isnan(e)
     inf_a = torch.isinf(a)
     diff = (a - e).abs()
-    bad = ~(diff <= atol + rtol * e.abs()) | (nan_a != nan_e)
+    finite_e = e[torch.isfinite(e)]
+    scale = max(1.0, float(finite_e.abs().max())) if finite_e.numel() else 1.0
+    bad = ~(diff <= atol * scale + rtol * e.abs()) | (nan_a != nan_e)
     bad &= ~(nan_a & nan_e)
     if not bool(bad.any()):
         return

@@ -339,20 +339,19 @@ def cache_dir() -> Path:
 
 
 def synthetic_root(preset: str, seed: int) -> Path:
-    return cache_dir() / "synthetic" / f"{preset}-seed{seed}"
+    from ..data.synthetic import GENERATOR_VERSION
+
+    return cache_dir() / "synthetic" / f"{preset}-seed{seed}-v{GENERATOR_VERSION}"
 
 
 def ensure_synthetic(root: Path, preset: str, seed: int, progress: bool = True) -> Path:
-    """Generate the synthetic dataset once; a marker file says a generation finished."""
-    marker = root / ".complete"
-    if marker.exists():
+    """Generate the synthetic dataset once (an interrupted generation is completed, not redone)."""
+    if (root / "meta.json").exists():  # the generator writes it last
         return root
     from ..data.synthetic import generate
 
     print(f"generating the synthetic '{preset}' dataset (seed {seed}) in {root} (once; cached) ...", flush=True)
-    generate(root, preset=preset, seed=seed, progress=progress)
-    marker.write_text(json.dumps({"preset": preset, "seed": seed}))
-    return root
+    return generate(root, preset=preset, seed=seed, progress=progress)
 
 
 # --- logging -------------------------------------------------------------------------------

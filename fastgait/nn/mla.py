@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..ops import mla_conv3d
 from ..ops._dispatch import check_impl
-from .conv import NEGATIVE_SLOPE
+from .conv import NEGATIVE_SLOPE, Conv3d
 from .masks import ComplementaryBandMasks
 
 BRANCHES = ("both", "global", "local")
@@ -36,8 +36,8 @@ class MLA(nn.Module):
             raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
         check_impl(impl)
         self.fuse, self.branches, self.negative_slope, self.impl = fuse, branches, negative_slope, impl
-        self.global_conv = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False) if branches != "local" else None
-        self.local_conv = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False) if branches != "global" else None
+        self.global_conv = Conv3d(in_channels, out_channels, 3, padding=1, bias=False) if branches != "local" else None
+        self.local_conv = Conv3d(in_channels, out_channels, 3, padding=1, bias=False) if branches != "global" else None
         self.band = ComplementaryBandMasks(drop_ratio, per_sample)
 
     def out_rows(self, rows: int) -> int:

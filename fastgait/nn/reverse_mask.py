@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.masks import band_height, band_masks, draw_band_starts
-from .conv import NEGATIVE_SLOPE
+from .conv import NEGATIVE_SLOPE, Conv3d
 
 VARIANTS = ("dropping", "scaling")
 REGIONS = ("unit", "band", "block")
@@ -83,7 +83,7 @@ class RMFE(nn.Module):
                  ratio: float = 0.5, reg_prob: float = 1.0, negative_slope: float = NEGATIVE_SLOPE):
         super().__init__()
         self.mask = ReverseMask(variant, region, ratio, reg_prob)
-        self.conv = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv = Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
         self.negative_slope = negative_slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,7 @@ class InceptionRMB(nn.Module):
         if fuse not in ("add", "concat"):
             raise ValueError(f"fuse must be 'add' or 'concat', got {fuse!r}")
         self.fuse = fuse
-        self.global_conv = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.global_conv = Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
         self.dropping = RMFE(in_channels, out_channels, "dropping", region, ratio, reg_prob, negative_slope)
         self.scaling = RMFE(in_channels, out_channels, "scaling", region, ratio, reg_prob, negative_slope)
         self.negative_slope = negative_slope

@@ -25,6 +25,7 @@ from .._nvtx import nvtx_range
 from . import _alloc
 from ._checks import check_same_dtype, check_tensor
 from ._dispatch import resolve_impl
+from .conv import conv3d
 from .reference import mla_conv3d_reference
 
 OP = "mla_conv3d"
@@ -187,19 +188,19 @@ def boundary_rows(band_start: torch.Tensor, band_rows: int, height: int) -> tupl
 def _mla_conv3d_torch(x, weight_global, weight_local, band_start, band_rows, fuse, negative_slope):
     c_out = weight_local.shape[0]
     weight = weight_local if weight_global is None else torch.cat([weight_global, weight_local], dim=0)
-    pre = F.conv3d(x, weight, padding=1)  # [n, (2)c_out, t, h, w]: [G, F] in one convolution
+    pre = conv3d(x, weight, padding=1)  # [n, (2)c_out, t, h, w]: [G, F] in one convolution
     pre_local = pre[:, -c_out:]
     local = F.leaky_relu(pre_local, negative_slope)
     if band_start is not None and band_rows > 0:
-        local = local + _boundary_correction(x, weight_local, pre_local, band_start, band_rows, negative_slope)
+        local = _add_boundary_correction(local, x, weight_local, pre_local, band_start, band_rows, negative_slope)
     if weight_global is None:
         return local
     glob = F.leaky_relu(pre[:, :c_out], negative_slope)
     return glob + local if fuse == "add" else torch.cat([glob, local], dim=3)
 
 
-def _boundary_correction(x, weight_local, pre_local, band_start, band_rows, negative_slope):
-    """``lrelu(P0) + lrelu(F - P0) - lrelu(F)`` on the boundary rows, zero elsewhere."""
+def _add_boundary_correction(local, x, weight_local, pre_local, band_start, band_rows, negative_slope):
+    """``local`` plus ``lrelu(P0) + lrelu(F - P0) - lrelu(F)`` on the boundary rows."""
     n, _, _, height, _ = x.shape
     rows, live = boundary_rows(band_start, band_rows, height)  # [n, 4]
     batch = torch.arange(n, device=x.device).view(n, 1)
@@ -212,15 +213,15 @@ def _boundary_correction(x, weight_local, pre_local, band_start, band_rows, nega
     gathered = x_rows[batch, taps.clamp(0, height - 1).view(n, 12)]  # [n, 12, c_in, t, w]
     gathered = gathered * tap_weight.view(n, 12, 1, 1, 1)
     gathered = gathered.view(n * 4, 3, *gathered.shape[2:]).permute(0, 2, 3, 1, 4)  # [4n, c_in, t, 3, w]
-    band_part = F.conv3d(gathered, weight_local, padding=(1, 0, 1))  # [4n, c_out, t, 1, w]
+    band_part = conv3d(gathered, weight_local, padding=(1, 0, 1))  # [4n, c_out, t, 1, w]
     band_part = band_part.view(n, 4, *band_part.shape[1:3], band_part.shape[-1])  # [n, 4, c_out, t, w]
 
     full = pre_local.permute(0, 3, 1, 2, 4)[batch, rows]  # [n, 4, c_out, t, w]
     lrelu = lambda v: F.leaky_relu(v, negative_slope)  # noqa: E731
     correction = (lrelu(band_part) + lrelu(full - band_part) - lrelu(full)) * live.view(n, 4, 1, 1, 1)
-    out = torch.zeros_like(pre_local.permute(0, 3, 1, 2, 4))  # [n, h, c_out, t, w]
-    out = out.index_put((batch.expand(n, 4), rows), correction, accumulate=True)
-    return out.permute(0, 2, 3, 1, 4)
+    # Out of place, accumulating: repeated (dead) slots add zeros, and autograd stays exact.
+    out = local.permute(0, 3, 1, 2, 4).index_put((batch.expand(n, 4), rows), correction, accumulate=True)
+    return out.permute(0, 2, 3, 1, 4)  # [n, c_out, t, h, w]
 
 
 # ----------------------------------------------------------------------------------------

@@ -194,3 +194,16 @@ def test_short_run_learns_on_the_small_synthetic_preset(tmp_path):
         trainer.close()
     baseline = json.loads((tmp_path / "eval" / "rank1_gei_baseline.json").read_text())["NM"]["mean"]
     assert trained > untrained + 20 and trained > baseline + 10, (untrained, trained, baseline)
+
+
+def test_evaluate_cli_reports_a_checkpoint(tiny_root, tmp_path, capsys):
+    from fastgait.evaluate import main as evaluate_main
+
+    run(tiny_config(tiny_root, iterations=2), tmp_path / "run")
+    checkpoint = ckpt.checkpoint_path(tmp_path / "run" / "checkpoints", 2)
+    assert evaluate_main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "eval"), "--no-baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "| model NM |" in out
+    report = json.loads((tmp_path / "eval" / "rank1_iter_0000002.json").read_text())
+    assert set(report) == {"NM", "BG", "CL"} and 0 <= report["NM"]["mean"] <= 100
+    assert evaluate_main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2

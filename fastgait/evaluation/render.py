@@ -94,7 +94,8 @@ def save_heatmap(result: dict, path: PathLike, title: Optional[str] = None) -> P
         ax.set_xticks(range(len(views)), views, rotation=90, fontsize=7)
         ax.set_yticks(range(len(views)), views, fontsize=7)
         ax.set_xlabel("gallery view")
-        ax.set_ylabel("probe view")
+        if ax is axes[0][0]:
+            ax.set_ylabel("probe view")
         if len(views) <= 14:
             for (i, j), value in np.ndenumerate(matrix):
                 if not math.isnan(value):

@@ -16,9 +16,9 @@ NEGATIVE_SLOPE = 0.01
 
 
 class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` (same parameters and state dict) that runs ``fastgait.ops.conv.conv3d``:
-    on a CPU, a 2D convolution over stacked frames, whose backward is many times faster there
-    than oneDNN's 3D one; elsewhere plain ``F.conv3d``."""
+    """``nn.Conv3d`` (same parameters and state dict) that runs ``fastgait.ops.conv.conv3d``: on a
+    CPU with few input channels, a 2D convolution over stacked frames (its backward is faster
+    there than oneDNN's 3D one); otherwise plain ``F.conv3d``."""
 
     def _conv_forward(self, input, weight, bias):
         plain = self.groups == 1 and self.padding_mode == "zeros" and self.dilation == (1, 1, 1) and bias is None

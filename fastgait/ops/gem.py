@@ -147,7 +147,7 @@ def gem_hpp_fwd(
 
     from fastgait.kernels.gem import gem_hpp_fwd_kernel
 
-    with nvtx_range("fastgait.gem_hpp.forward"):
+    with nvtx_range("gem_hpp.forward"):
         out, frame_max, frame_arg = _forward_outputs(x, bins, keep_frame_max)
         x5 = _as_5d(x)
         n, c, t, h, w = x5.shape
@@ -190,7 +190,7 @@ def gem_hpp_bwd(
 
     from fastgait.kernels.gem import gem_hpp_bwd_kernel
 
-    with nvtx_range("fastgait.gem_hpp.backward"):
+    with nvtx_range("gem_hpp.backward"):
         grad_x, grad_p = _backward_outputs(frame_max, p, frames, x_order)
         n, c, h, w = frame_max.shape
         t = max(frames, 1)

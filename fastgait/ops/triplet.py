@@ -130,7 +130,7 @@ def triplet_loss_fwd(
 
     from fastgait.kernels.triplet import triplet_finish_kernel, triplet_fwd_kernel
 
-    with nvtx_range("fastgait.triplet_loss.forward"):
+    with nvtx_range("triplet_loss.forward"):
         loss, info, dist, weight, part_scale, order = _triplet_outputs(embeddings)
         n, c, parts = embeddings.shape
         sorted_labels, sort_order = torch.sort(labels.to(torch.int64), stable=True)
@@ -173,7 +173,7 @@ def triplet_loss_bwd(
 
     from fastgait.kernels.triplet import triplet_bwd_kernel
 
-    with nvtx_range("fastgait.triplet_loss.backward"):
+    with nvtx_range("triplet_loss.backward"):
         grad = _grad_output(embeddings)
         n, c, parts = embeddings.shape
         block_k = max(GRAM_BLOCK, min(triton.next_power_of_2(c), 64))
@@ -214,7 +214,7 @@ def part_distance_fwd(probe: torch.Tensor, gallery: torch.Tensor, cosine: bool) 
 
     from fastgait.kernels.triplet import part_distance_kernel
 
-    with nvtx_range("fastgait.part_distance"):
+    with nvtx_range("part_distance"):
         out = _distance_output(probe, gallery)
         n, c, parts = probe.shape
         m = gallery.shape[0]

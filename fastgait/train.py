@@ -60,7 +60,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         trainer = Trainer(config, output, device=args.device, progress=not args.quiet)
         trainer._say(f"fastgait: {config['name']} | model {trainer.model_config['name']} "
                      f"({sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters) | "
-                     f"device {trainer.device} x {trainer.dist.world_size} | amp {trainer.amp_dtype or 'fp32'} | "
+                     f"device {trainer.device} x {trainer.dist.world_size} | amp {str(trainer.amp_dtype or 'fp32').replace('torch.', '')} | "
                      f"data {trainer.data_root} ({len(trainer.train_set)} training sequences, "
                      f"{trainer.train_set.num_ids} identities) | output {output}")
         trainer.train(resume)

@@ -119,6 +119,7 @@ class Trainer:
             raise ValueError("loss.ce_weight > 0 needs a classifier head: set model.num_classes (or 'auto')")
         self.ce = CrossEntropyLoss(loss_cfg["ce_scale"], loss_cfg["ce_label_smooth"])
         self.iteration = 0
+        self._baseline: Optional[dict] = None  # the GEI baseline's result, computed once
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -285,7 +286,7 @@ class Trainer:
                           f"continue with --resume {path}")
             raise TrainingInterrupted(str(path)) from None
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+            _restore_sigterm(previous_handler)
             bar.close()
             logger.close()
         return last
@@ -309,11 +310,10 @@ class Trainer:
                                     metric=self.config["eval"]["metric"], device=self.device,
                                     autocast=self.autocast, workers=self.config["eval"]["workers"],
                                     progress=self.progress)
-            baseline = None
-            if self.config["eval"]["baseline"]:
-                baseline = gait_energy_baseline(self.data_root, self.partition, self.config["data"]["protocol"],
-                                                self.config["eval"]["metric"])
-            report_results(result, baseline, self.output / "eval", tag=tag, printer=self._say)
+            if self.config["eval"]["baseline"] and self._baseline is None:
+                self._baseline = gait_energy_baseline(self.data_root, self.partition, self.config["data"]["protocol"],
+                                                      self.config["eval"]["metric"])
+            report_results(result, self._baseline, self.output / "eval", tag=tag, printer=self._say)
         distributed.barrier(self.dist)
         return result
 
@@ -412,5 +412,10 @@ def _sigterm_as_interrupt():
 
     try:
         return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        return signal.getsignal(signal.SIGTERM)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)

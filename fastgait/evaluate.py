@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,7 +13,7 @@ from . import data as gait_data
 from .engine import checkpoint as ckpt
 from .engine.evaluation import evaluate_model, report_results
 from .evaluation import gei_baseline
-from .engine.trainer import resolve_amp, synthetic_root
+from .engine.trainer import data_paths, resolve_amp
 from .models import build_model
 
 
@@ -31,13 +32,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         state = ckpt.load_checkpoint(args.checkpoint)
         config = state["config"]
         data_cfg = config["data"]
-        root = args.data or (Path(data_cfg["root"]) if data_cfg["root"] else
-                             synthetic_root(data_cfg["synthetic"]["preset"], data_cfg["synthetic"]["seed"]))
-        partition = args.partition
-        if partition is None and args.data is None and data_cfg["split"]:
-            partition = root / f"partition_{data_cfg['split'].upper()}.json"
-        elif partition is None and args.data is None and data_cfg["partition"]:
-            partition = Path(data_cfg["partition"])
+        root, partition = data_paths(data_cfg)  # the training run's data, unless --data says otherwise
+        if args.data is not None:
+            root, partition = args.data, None
+        partition = args.partition or partition
         protocol = args.protocol or data_cfg["protocol"]
         metric = args.metric or config["eval"]["metric"]
         device = torch.device(args.device)
@@ -45,9 +43,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         model.load_state_dict(state["model"])
         test_set = gait_data.GaitDataset(root, partition, "test", cache=False)
         amp = resolve_amp(config["train"]["amp"], device)
-        autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else None
-        result = evaluate_model(model, test_set, protocol=protocol, metric=metric, device=device,
-                                **({"autocast": autocast} if autocast else {}))
+        autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+        result = evaluate_model(model, test_set, protocol=protocol, metric=metric, device=device, autocast=autocast)
         baseline = None if args.no_baseline else gei_baseline(test_set, protocol=protocol, metric=metric)
         out = args.output or args.checkpoint.parent.parent / "eval"
         report_results(result, baseline, out, tag=args.checkpoint.stem)

@@ -124,22 +124,17 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------
 
     def _prepare_data(self) -> tuple[Path, Optional[Path]]:
+        """``data_paths`` of the config, after generating the synthetic set / split file (rank 0)."""
         data_cfg = self.config["data"]
-        if data_cfg["root"]:
-            root = Path(data_cfg["root"]).expanduser()
-        else:
-            synthetic = data_cfg["synthetic"]
-            root = synthetic_root(synthetic["preset"], synthetic["seed"])
-            if self.dist.is_main:
+        root, partition = data_paths(data_cfg)
+        if self.dist.is_main:
+            if not data_cfg["root"]:
+                synthetic = data_cfg["synthetic"]
                 ensure_synthetic(root, synthetic["preset"], synthetic["seed"], progress=self.progress)
-            distributed.barrier(self.dist)
-        partition = data_cfg["partition"]
-        if partition is None and data_cfg["split"]:
-            partition = root / f"partition_{data_cfg['split'].upper()}.json"
-            if self.dist.is_main and not partition.exists():
+            if partition is not None and data_cfg["partition"] is None and not partition.exists():
                 gait_data.write_casia_b_partition(root, data_cfg["split"].upper(), partition)
-            distributed.barrier(self.dist)
-        return root, Path(partition) if partition else None
+        distributed.barrier(self.dist)
+        return root, partition
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config["train"]
@@ -332,6 +327,21 @@ def gait_energy_baseline(root: Path, partition: Optional[Path], protocol: str, m
 
 
 # --- synthetic default data ----------------------------------------------------------------
+
+
+def data_paths(data_cfg: dict) -> tuple[Path, Optional[Path]]:
+    """``(root, partition)`` a data config names: ``data.root`` or the synthetic set's cache folder;
+    ``data.partition``, else the CASIA-B split file ``ROOT/partition_<SPLIT>.json``, else None
+    (the dataset then reads ``ROOT/partition.json``)."""
+    if data_cfg["root"]:
+        root = Path(data_cfg["root"]).expanduser()
+    else:
+        root = synthetic_root(data_cfg["synthetic"]["preset"], data_cfg["synthetic"]["seed"])
+    if data_cfg["partition"]:
+        return root, Path(data_cfg["partition"]).expanduser()
+    if data_cfg["split"]:
+        return root, root / f"partition_{data_cfg['split'].upper()}.json"
+    return root, None
 
 
 def cache_dir() -> Path:

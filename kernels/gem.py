@@ -19,7 +19,7 @@ Powers are ``exp2(p * log2(.))`` (no libdevice, so the interpreter runs them too
 import triton
 import triton.language as tl
 
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # a Triton constant: an annotated float is refused by the compiler
 
 
 @triton.jit

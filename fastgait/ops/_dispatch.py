@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -29,6 +30,33 @@ def triton_importable() -> bool:
 
 def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_gpu_choices_forced = False
+
+
+@contextlib.contextmanager
+def force_gpu_choices():
+    """Make launchers take their CUDA-only choices (block sizes, warps, splits) on any device.
+
+    The compile gate (``fastgait.testing.compile_gate``) runs the real launchers on meta tensors
+    inside this context and records each ``kernel[grid](...)`` call instead of running it.
+    """
+    global _gpu_choices_forced
+    previous, _gpu_choices_forced = _gpu_choices_forced, True
+    try:
+        yield
+    finally:
+        _gpu_choices_forced = previous
+
+
+def gpu_choices(device: torch.device) -> bool:
+    """Whether a launcher should pick its GPU configuration for tensors on ``device``.
+
+    Every device-dependent choice in a launcher goes through here (never ``device.type`` directly),
+    so the compile gate sees what runs on a GPU.
+    """
+    return device.type == "cuda" or _gpu_choices_forced
 
 
 def check_impl(impl: str) -> None:

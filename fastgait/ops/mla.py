@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .._nvtx import nvtx_range
 from . import _alloc
 from ._checks import check_same_dtype, check_tensor
-from ._dispatch import resolve_impl
+from ._dispatch import gpu_choices, resolve_impl
 from .conv import conv3d
 from .reference import mla_conv3d_reference
 
@@ -275,7 +275,7 @@ def _launch_configs(device: torch.device, c_in: int, c_out: int, c_pre: int, row
     Triton 3.9's ptxas, bf16); untuned otherwise: time them with ``pytest bench --benchmark``.
     Interpreter: large blocks, because its cost is per operation, not per element.
     """
-    gpu = device.type == "cuda"
+    gpu = gpu_choices(device)
 
     def block(size, gpu_cap, interpreter_cap):
         return _block(size, 16, gpu_cap if gpu else interpreter_cap)
@@ -362,10 +362,10 @@ def _wgrad(x, grad, grad_strides, c_grad, slots, band_start, band_rows, config):
     """
     n, c_in, t, h, w = x.shape
     positions = n * slots * t * w
-    block_k = _block(27 * c_in, 16, 64 if x.device.type == "cuda" else 128)
+    block_k = _block(27 * c_in, 16, 64 if gpu_choices(x.device) else 128)
     tiles = _cdiv(c_grad, config["BLOCK_O"]) * _cdiv(27 * c_in, block_k)
     blocks = _cdiv(positions, config["BLOCK_M"])
-    if x.device.type == "cuda":  # split the reduction until the GPU is busy; partial sums keep it deterministic
+    if gpu_choices(x.device):  # split the reduction until the GPU is busy; partial sums keep it deterministic
         wanted = _cdiv(4 * torch.cuda.get_device_properties(x.device).multi_processor_count, tiles)
     else:  # the interpreter: two splits keep the partial-sum path exercised
         wanted = 2

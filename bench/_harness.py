@@ -148,9 +148,9 @@ class Mode:
 # ---------------------------------------------------------------------------------------------
 
 # Run order with --benchmark (lower first), so that what matters most is measured before a
-# time budget runs out: the GaitMask step (the headline ratios), the CASIA-B MLA blocks, GeM,
+# time budget runs out: the GaitMask step (the headline ratios), its per-kernel profile, the CASIA-B MLA blocks, GeM,
 # triplet, loaders, the other models' steps, the OUMVLP shapes.
-PRIORITY = {"headline-step": 10, "mla": 20, "gem": 30, "triplet": 40, "data": 50, "step": 60,
+PRIORITY = {"headline-step": 10, "profile": 15, "mla": 20, "gem": 30, "triplet": 40, "data": 50, "step": 60,
             "compiled-step": 70, "oumvlp": 80}
 
 
@@ -355,6 +355,12 @@ class Recorder:
     @property
     def rows(self) -> list[dict]:
         return [row for row in self.data["rows"] if row["run"] == self.run["id"]]
+
+    def add_profile(self, name: str, profile: dict) -> None:
+        """A per-kernel profile (``bench/test_profile.py``), kept beside the rows under ``profiles``."""
+        self.data.setdefault("profiles", {})[name] = {"run": self.run["id"], **profile}
+        if self.path is not None:
+            _results.save(self.path, self.data)
 
     def add(self, row: dict) -> dict:
         key = _results.row_key(row)[1:]

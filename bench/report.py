@@ -191,6 +191,23 @@ def environment_lines(data: dict) -> list[str]:
     return [line + "  " for line in lines[:-1]] + lines[-1:]
 
 
+def profile_section(data: dict) -> list[str]:
+    """Where the step's time goes: the per-kernel profiles of ``bench/test_profile.py``."""
+    lines = []
+    for name, profile in (data.get("profiles") or {}).items():
+        lines += [f"### Where the time goes: {name} ({profile['dtype']}), top {len(profile['kernels'])} "
+                  f"{profile['unit']}", "",
+                  f"`torch.profiler` over {profile['steps']} steps after warm-up: "
+                  f"{fmt(profile['total_ms_per_step'])} ms of {profile['unit']} per step in all; "
+                  "share = of that total.", ""]
+        lines += table(["#", "kernel", "calls/step", "ms/step", "share"], (
+            [str(i + 1), f"`{k['name'][:90]}`", fmt(k["calls_per_step"]), fmt(k["ms_per_step"]),
+             fmt(100 * k["share"] if k["share"] is not None else None, ".1f", " %")]
+            for i, k in enumerate(profile["kernels"])))
+        lines.append("")
+    return lines
+
+
 def file_section(stem: str, data: dict, plot_links: list[str]) -> list[str]:
     env, rows = data["environment"], data["rows"]
     lines = [f"## {env.get('date')} · {env.get('gpu') or 'CPU'} (`{stem}.json`)", ""]
@@ -199,7 +216,7 @@ def file_section(stem: str, data: dict, plot_links: list[str]) -> list[str]:
     lines += environment_lines(data) + ["", "### Targets", ""] + targets_table(rows) + [""]
     for op, title in OPS:
         lines += op_section(rows, op, title)
-    lines += step_section(rows) + data_section(rows)
+    lines += step_section(rows) + profile_section(data) + data_section(rows)
     lines += [f"![{Path(link).stem}]({link})" for link in plot_links]
     return lines + [""]
 

@@ -37,7 +37,7 @@ left() { echo $((START + BUDGET - $(date +%s))); }
 section() { echo; echo "==== $1 ($(($(date +%s) - START)) s)"; }
 
 section "install" | tee -a "$LOGS/machine.log"
-if ! "$PY" -m pip install --no-deps --no-build-isolation -q -e . >>"$LOGS/machine.log" 2>&1; then
+if ! "$PY" -m pip install --no-deps --no-build-isolation --no-index -q -e . >>"$LOGS/machine.log" 2>&1; then
     echo "pip install failed (see machine.log): using PYTHONPATH=$PWD" | tee -a "$LOGS/machine.log"
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi

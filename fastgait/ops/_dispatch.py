@@ -59,6 +59,21 @@ def gpu_choices(device: torch.device) -> bool:
     return device.type == "cuda" or _gpu_choices_forced
 
 
+GATE_SM_COUNT = 132  # an H100/H200 SXM: what the compile gate assumes for grid-size choices
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (for split and grid choices); the H200's under the gate."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return GATE_SM_COUNT
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether an input check may read ``t``'s values on the host (CPU tensors, outside the compile gate)."""
+    return t.device.type == "cpu" and not _gpu_choices_forced
+
+
 def check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -71,7 +86,7 @@ def resolve_impl(impl: str, device: torch.device, *, op: str, has_torch: bool, h
     """
     check_impl(impl)
     if impl == "auto":
-        if device.type == "cuda" and has_triton and triton_importable():
+        if gpu_choices(device) and has_triton and triton_importable():
             return "triton"
         return "torch" if has_torch else "reference"
     if impl == "torch" and not has_torch:
@@ -81,7 +96,7 @@ def resolve_impl(impl: str, device: torch.device, *, op: str, has_torch: bool, h
             raise ValueError(f"{op}: there is no Triton implementation; use impl='torch' or 'reference'")
         if not triton_importable():
             raise RuntimeError(f"{op}: impl='triton' needs the triton package (pip install triton)")
-        if device.type != "cuda" and not triton_interpreter_on():
+        if not gpu_choices(device) and not triton_interpreter_on():
             raise ValueError(
                 f"{op}: impl='triton' got {device.type} tensors; Triton runs on CUDA tensors, or on CPU "
                 "tensors under the interpreter (set TRITON_INTERPRET=1 before importing triton). "

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .._nvtx import nvtx_range
 from . import _alloc
 from ._checks import check_same_dtype, check_tensor
-from ._dispatch import gpu_choices, resolve_impl
+from ._dispatch import gpu_choices, host_readable, resolve_impl, sm_count
 from .conv import conv3d
 from .reference import mla_conv3d_reference
 
@@ -148,7 +148,7 @@ def _check_inputs(x, weight_global, weight_local, band_start, band_height, fuse)
     if torch.compiler.is_compiling():
         return
     inside = (band_start >= 0) & (band_start + band_height <= height)
-    if band_start.device.type == "cpu":
+    if host_readable(band_start):
         if not bool(inside.all()):
             raise ValueError(
                 f"{OP}: every band must lie inside the map: need 0 <= band_start <= h - band_height = "
@@ -366,7 +366,7 @@ def _wgrad(x, grad, grad_strides, c_grad, slots, band_start, band_rows, config):
     tiles = _cdiv(c_grad, config["BLOCK_O"]) * _cdiv(27 * c_in, block_k)
     blocks = _cdiv(positions, config["BLOCK_M"])
     if gpu_choices(x.device):  # split the reduction until the GPU is busy; partial sums keep it deterministic
-        wanted = _cdiv(4 * torch.cuda.get_device_properties(x.device).multi_processor_count, tiles)
+        wanted = _cdiv(4 * sm_count(x.device), tiles)
     else:  # the interpreter: two splits keep the partial-sum path exercised
         wanted = 2
     splits = max(1, min(blocks, wanted, 64))

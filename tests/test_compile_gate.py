@@ -1,0 +1,114 @@
+"""The compile gate: every kernel launch of the recipes compiles for sm_90a (and sm_80 in the slow
+run) with the installed Triton and with Triton 3.6.0, the GPU machines' version, and no launch of
+the trainer's layout spills on sm_90a. ``python -m pytest -k compile`` runs these alone.
+
+The interpreter (the rest of the suite) accepts code the compiler refuses; these tests are what
+sees it without a GPU. The launches are captured from the real launchers (``fastgait.compile_gate``),
+so the gate checks what runs, not a hand-kept list.
+"""
+from __future__ import annotations
+
+import os
+import textwrap
+
+import pytest
+
+from fastgait.compile_gate import gate
+from fastgait.compile_gate.capture import Launch
+
+VERSIONS = list(gate.triton_versions())
+
+
+@pytest.fixture(scope="module")
+def captured():
+    return gate.launches()
+
+
+def _folder(version: str):
+    folder = gate.triton_versions()[version]
+    if folder is not None and not gate.triton36_available():
+        message = (f"Triton 3.6.0 is not at {folder}: `pip install --no-deps --target {folder} triton==3.6.0` "
+                   "(.ci/run does this)")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return folder
+
+
+def test_compile_gate_captures_every_fused_op(captured):
+    """Each fastgait custom op (forward and backward) is launched by some recipe scenario."""
+    from torch._library.custom_ops import OPDEFS
+
+    found, ops = captured
+    called = set().union(*ops.values())
+    registered = {name for name in OPDEFS if name.startswith("fastgait::")}
+    assert registered - called == set(), f"ops no scenario launches (add a recipe or scenario): {registered - called}"
+    assert {launch.kernel for launch in found}, "no kernel launch was captured"
+
+
+def test_compile_gate_capture_sees_launcher_choices(captured):
+    """The captured launches carry the launchers' GPU choices (warps), in every dtype and both layouts."""
+    found, _ = captured
+    scenarios = {s for launch in found for s in launch.scenarios}
+    for needle in ("bf16 train", "fp16 train", "fp32 train", "bf16 eval", "fp32 eval", "contiguous", "channels_last_3d"):
+        assert any(needle in s for s in scenarios), f"no launch from a '{needle}' scenario"
+    assert any("num_warps" in launch.kwargs for launch in found)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_compile_gate_sm90(captured, version):
+    folder = _folder(version)
+    found, _ = captured
+    results = gate.compile_launches(found, gate.SM90, folder)
+    errors = gate.check(found, results, version, gate.SM90, spill_free=True)
+    assert not errors, f"{len(errors)} of {len(found)} launches fail the gate:\n\n" + "\n\n".join(errors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", VERSIONS)
+def test_compile_gate_sm80(captured, version):
+    folder = _folder(version)
+    found, _ = captured
+    results = gate.compile_launches(found, gate.SM80, folder)
+    errors = gate.check(found, results, version, gate.SM80, spill_free=False)
+    assert not errors, f"{len(errors)} of {len(found)} launches fail to compile for sm_80:\n\n" + "\n\n".join(errors)
+
+
+BROKEN_KERNEL = '''
+import triton
+import triton.language as tl
+
+SCALE: tl.constexpr = 0.5  # an annotated float: the interpreter reads it, the compiler refuses it
+
+
+@triton.jit
+def scale_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(x_ptr + offs, x * SCALE, mask=offs < n)
+'''
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_compile_gate_names_a_kernel_that_does_not_compile(tmp_path, version):
+    """The gate's message names the kernel, its config, the Triton version and the compiler's words
+    (the first H200 run's failure: an annotated float constant, as ``LN2`` was in kernels/gem.py)."""
+    folder = _folder(version)
+    (tmp_path / "broken.py").write_text(textwrap.dedent(BROKEN_KERNEL))
+    args = [{"tensor": "bfloat16", "aligned": True}, 1000]
+    kwargs = {"BLOCK": 128, "num_warps": 4}
+    launch = Launch("broken", "scale_kernel", args, kwargs, "fastgait::example", [args, kwargs], ["a scenario"])
+    results = gate.compile_launches([launch], gate.SM90, folder, kernels=tmp_path, use_cache=False)
+    errors = gate.check([launch], results, version, gate.SM90, spill_free=True)
+    assert len(errors) == 1
+    assert "scale_kernel" in errors[0] and "BLOCK=128" in errors[0] and "does not compile" in errors[0]
+    assert gate.triton_version(folder) in errors[0]
+    assert "SCALE" in errors[0], errors[0]
+
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    (fixed / "broken.py").write_text(textwrap.dedent(BROKEN_KERNEL).replace(
+        "SCALE: tl.constexpr = 0.5", "SCALE = tl.constexpr(0.5)"))
+    results = gate.compile_launches([launch], gate.SM90, folder, kernels=fixed, use_cache=False)
+    assert gate.check([launch], results, version, gate.SM90, spill_free=True) == []
+    assert results[launch.key]["registers"] > 0

@@ -1,0 +1,138 @@
+"""GPU parity of the fused ops at the papers' shapes, bf16 under autocast and fp32.
+
+The bound (``fastgait.testing.assert_within_reference_error``): for the output and every gradient,
+the fused op's relative error against a float64 computation is at most 1.5x the plain reference's
+own error at the same precision (the reference run in bf16 under autocast, or in fp32 with TF32
+allowed, as the trainer allows it), plus a small floor. It passes for rounding as good as the
+reference's and fails for a wrong kernel (errors of order 1). fp32 on the GPU: the MLA kernels'
+``tl.dot`` runs fp32 inputs as TF32, as cuDNN does for the reference when the trainer enables TF32
+(``torch.backends.cudnn.allow_tf32``), so fp32 is held to a TF32 reference's error.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from fastgait.ops import draw_band_starts, gem_hpp, part_distance, triplet_loss
+from fastgait.ops.mla import DESIGNS, mla_conv3d_triton
+from fastgait.ops.reference import (
+    band_height as band_rows_for,
+    gem_hpp_reference,
+    mla_conv3d_reference,
+    part_distance_reference,
+    triplet_loss_reference,
+)
+from fastgait.testing import assert_within_reference_error
+
+pytestmark = pytest.mark.gpu
+
+MLA_SHAPES = [(32, 64, 64, 44, "add"), (64, 128, 32, 22, "add"), (128, 128, 32, 22, "concat")]
+
+
+@contextlib.contextmanager
+def tf32(allowed: bool):
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _precision(dtype: torch.dtype):
+    """How the low-precision runs execute: bf16 under autocast; fp32 with TF32 allowed."""
+    if dtype == torch.bfloat16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return tf32(True)
+
+
+def _forward_backward(fn, leaves, upstream):
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, upstream.to(out.dtype))
+    return (out, *grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("c_in, c_out, h, w, fuse", MLA_SHAPES)
+def test_mla_parity(design, c_in, c_out, h, w, fuse, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(41)
+    n, t = 8, 10
+    band_rows = band_rows_for(h, 0.4)
+    x = torch.randn(n, c_in, t, h, w, device="cuda", generator=gen).to(memory_format=torch.channels_last_3d)
+    weights = [torch.randn(c_out, c_in, 3, 3, 3, device="cuda", generator=gen) * (c_in * 27) ** -0.5
+               for _ in range(2)]
+    band_start = draw_band_starts(n, h, band_rows, device=torch.device("cuda"))
+    leaves = [x.requires_grad_(), *(wt.requires_grad_() for wt in weights)]
+    out_shape = (n, c_out, t, 2 * h if fuse == "concat" else h, w)
+    upstream = torch.randn(out_shape, device="cuda", generator=gen)
+
+    def fused(x, wg, wl):
+        return mla_conv3d_triton(x, wg, wl, band_start, band_rows, fuse, design=design)
+
+    def reference(x, wg, wl):
+        return mla_conv3d_reference(x, wg, wl, band_start, band_rows, fuse)
+
+    with _precision(dtype):
+        got = _forward_backward(fused, leaves, upstream)
+        low = _forward_backward(reference, leaves, upstream)
+    assert got[0].dtype == dtype
+    with tf32(False):
+        exact = _forward_backward(reference, [leaf.double() for leaf in leaves], upstream.double())
+    assert_within_reference_error(("y", "dx", "dw_global", "dw_local"), got, low, exact)
+
+
+@pytest.mark.parametrize("bins", [(64,), (1, 2, 4, 8, 16)])
+def test_gem_parity(bins):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(128, 128, 10, 64, 22, device="cuda", generator=gen).relu()
+    x = x.to(torch.bfloat16).float().to(memory_format=torch.channels_last_3d)  # exact in bf16
+    p = torch.tensor([6.5], device="cuda")
+    upstream = torch.randn(128, 128, sum(bins), device="cuda", generator=gen)
+    leaves = [x.requires_grad_(), p.requires_grad_()]
+    got = _forward_backward(lambda x, p: gem_hpp(x.to(torch.bfloat16), p, bins, impl="triton"), leaves, upstream)
+    low = _forward_backward(lambda x, p: gem_hpp_reference(x.to(torch.bfloat16), p.to(torch.bfloat16), bins),
+                            leaves, upstream)
+    exact = _forward_backward(lambda x, p: gem_hpp_reference(x, p, bins),
+                              [leaf.detach().double().requires_grad_() for leaf in leaves], upstream.double())
+    assert got[0].dtype == torch.bfloat16
+    assert_within_reference_error(("out", "grad_x", "grad_p"), got, low, exact)
+
+
+@pytest.mark.parametrize("identities, per_identity", [(8, 16), (32, 8)])
+def test_triplet_parity(identities, per_identity):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n = identities * per_identity
+    embeddings = torch.randn(n, 128, 64, device="cuda", generator=gen).to(torch.bfloat16).float()
+    labels = torch.arange(identities, device="cuda").repeat_interleave(per_identity)
+    labels = labels[torch.randperm(n, device="cuda", generator=gen)]
+    leaves = [embeddings.requires_grad_()]
+    upstream = torch.ones((), device="cuda")
+
+    def run(fn, x):
+        return fn(x, labels)[0]
+
+    got = _forward_backward(lambda x: run(lambda e, l: triplet_loss(e.to(torch.bfloat16), l, 0.2, impl="triton"), x),
+                            leaves, upstream)
+    low = _forward_backward(lambda x: run(lambda e, l: triplet_loss_reference(e.to(torch.bfloat16), l, 0.2), x),
+                            leaves, upstream)
+    exact = _forward_backward(lambda x: run(lambda e, l: triplet_loss_reference(e, l, 0.2), x),
+                              [embeddings.detach().double().requires_grad_()], upstream.double())
+    assert_within_reference_error(("loss", "grad"), got, low, exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("metric", ["euc", "cos"])
+def test_part_distance_parity(metric, dtype):
+    """Evaluation distances: the fused op against float64, bounded by the reference's error in the
+    same dtype with full-fp32 matmuls (evaluation promises fp32 accuracy, not TF32)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    probe = torch.randn(1000, 128, 64, device="cuda", generator=gen).to(dtype)
+    gallery = torch.randn(64, 1200, 128, device="cuda", generator=gen).to(dtype).permute(1, 2, 0)
+    with tf32(False):
+        got = part_distance(probe, gallery, metric, impl="triton")
+        low = part_distance_reference(probe, gallery, metric)
+        exact = part_distance_reference(probe.double(), gallery.double(), metric)
+    assert_within_reference_error(("distance",), (got,), (low,), (exact,))

@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PROVIDER_ORDER = ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm", "triton",
                   "fastgait-eager", "fastgait")
-OPS = (("mla_conv3d", "Fused MLA block (`mla_conv3d`)"), ("gem_hpp", "GeM over strips with temporal max (`gem_hpp`)"),
+OPS = (("mla_conv3d", "Fused MLA block (`mla_conv3d`)"),
+       ("conv3x3x3", "The MLA blocks' stacked 3x3x3 convolution in the vendor's forms (`bench/test_conv_forms.py`)"),
+       ("gem_hpp", "GeM over strips with temporal max (`gem_hpp`)"),
        ("triplet_loss", "Batch-all triplet loss (`triplet_loss`)"))
 KIND_NOTE = {
     "synthetic": "**SYNTHETIC: made-up numbers that test the report pipeline, not a measurement.**",

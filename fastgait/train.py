@@ -46,7 +46,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.resume and args.resume != "latest" and "=" in args.resume and not Path(args.resume).exists():
+        # "--resume train.lr=0.5": an override after a bare --resume, not a checkpoint path
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
+    return args
 
 
 @cli_main

@@ -34,6 +34,10 @@ def evaluate_model(model, dataset, *, protocol: str, metric: str = "euc", device
                    autocast: Callable = contextlib.nullcontext, workers: int = 0, progress: bool = True) -> dict:
     """Rank-1 tables of ``model`` on ``dataset`` (a test split) under ``protocol``."""
     embeddings = embed_sequences(model, dataset, device, autocast, workers, progress)
+    finite = torch.isfinite(embeddings).flatten(1).all(1)
+    if not bool(finite.all()):
+        raise ValueError(f"the model gave NaN/inf embeddings for {int((~finite).sum())} of {len(finite)} test "
+                         "sequences (diverged weights?); evaluate an earlier checkpoint, not a table of noise")
     return evaluate(embeddings, dataset.labels, dataset.types, dataset.views, protocol=protocol, metric=metric)
 
 

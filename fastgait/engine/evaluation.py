@@ -9,6 +9,7 @@ import torch
 
 from .. import data as gait_data
 from ..evaluation import evaluate, summary, to_markdown, write_report
+from .signals import protect_workers
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def embed_sequences(model: torch.nn.Module, dataset, device: torch.device, autoc
 
     was_training = model.training
     model.eval()
-    loader = gait_data.make_test_loader(dataset, workers=workers)
+    loader = protect_workers(gait_data.make_test_loader(dataset, workers=workers))
     out = []
     for sils, *_ in tqdm(loader, total=len(dataset), desc="embed", unit="seq", disable=not progress, dynamic_ncols=True):
         with autocast():

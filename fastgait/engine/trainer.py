@@ -26,6 +26,7 @@ from ..ops.masks import set_batch_shard
 from . import checkpoint as ckpt
 from . import distributed
 from .evaluation import evaluate_model, report_results
+from .signals import protect_workers
 
 KEEP_CHECKPOINTS = 3
 _NEVER = 2**62  # "no non-finite step yet" (a MIN all-reduce keeps the earliest bad step)
@@ -462,6 +463,9 @@ class Trainer:
             loader = gait_data.make_train_loader(
                 self.train_set, cfg["P"], cfg["K"], clip_len=cfg["clip_len"], workers=self.config["data"]["workers"],
                 rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg["seed"], start_iteration=self.iteration)
+            # Loader workers ignore SIGINT/SIGTERM (torchrun and Slurm signal the whole process
+            # group): the main process decides when to stop, and the workers end with it.
+            protect_workers(loader)
             # Starting the loader draws a worker seed from torch's generator: keep that out of
             # the stream the model draws from, so a resumed run draws exactly what it would have.
             with torch.random.fork_rng(devices=[]):

@@ -381,6 +381,7 @@ BAD_OVERRIDES = [
     (["train.gamma=[0.1,0.1]"], "train.gamma"),
     (["data.workers=-1"], "data.workers"),
     (["model.name=NoSuchNet"], "model name"),
+    (["model.no_such_arg=1"], "no_such_arg"),
     (["--device", "tpu"], "--device"),
     (["--resume", "--overwrite"], "--overwrite"),
 ]

@@ -216,7 +216,7 @@ class Trainer:
         if model_cfg.get("num_classes") == "auto":
             model_cfg["num_classes"] = self.train_set.num_ids
         self.model_config = model_cfg
-        model = build_model(model_cfg).to(self.device)
+        model = _build_model_checked(model_cfg).to(self.device)
         self.channels_last = _auto_flag(train_cfg["channels_last"], self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
@@ -701,6 +701,23 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="it", dynamic_ncols=True)
+
+
+def _build_model_checked(model_cfg: dict):
+    """``build_model``, with a bad model key named as a config error (not a TypeError traceback)."""
+    import inspect
+
+    from ..models import MODELS
+
+    try:
+        return build_model(model_cfg)
+    except TypeError as error:
+        cls = MODELS.get(model_cfg.get("name"))
+        known = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "kwargs")] if cls else []
+        raise ConfigError(f"model: {' '.join(str(error).split())}; the model.* keys are the constructor arguments of "
+                          f"{model_cfg.get('name')}: {', '.join(known)}") from None
+    except ValueError as error:
+        raise ConfigError(f"model: {' '.join(str(error).split())}") from None
 
 
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:

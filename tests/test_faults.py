@@ -507,3 +507,63 @@ def test_k1_with_the_ce_loss_warns_first(tiny_root, tmp_path, capsys):
                               "model.num_classes=auto", "train.iterations=1", "--no-eval", capsys=capsys)
     assert code == 0, err
     assert "warning: train.K=1" in stdout.splitlines()[0]
+
+
+# --- the guard costs no host sync per step ------------------------------------------------------
+
+
+def _host_reads_by_the_trainer(tiny_root, tmp_path, monkeypatch, iterations):
+    """Count tensor -> host reads (item, tolist, bool, int, float) made from engine/trainer.py."""
+    import fastgait.engine.trainer as trainer_module
+
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller == trainer_module.__file__:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    config = load_config("demo_cpu", [f"data.root={tiny_root}", *[o for o in TINY if "=" in o],
+                                      f"train.iterations={iterations}", f"train.log_every={iterations}",
+                                      "train.checkpoint_every=0"])
+    trainer = Trainer(config, tmp_path / str(iterations), progress=False, check_eval=False)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    monkeypatch.undo()
+    return reads
+
+
+def test_the_divergence_guard_reads_the_device_only_at_boundaries(tiny_root, tmp_path, monkeypatch):
+    """The per-step guard is device-side: 2 or 6 steps to one log boundary read the same."""
+    assert _host_reads_by_the_trainer(tiny_root, tmp_path, monkeypatch, 2) == \
+        _host_reads_by_the_trainer(tiny_root, tmp_path, monkeypatch, 6)
+
+
+@pytest.mark.gpu
+def test_the_guard_does_not_synchronise_on_cuda():
+    """On a GPU: the per-step guard (flags, first bad step, gradient norm) under
+    torch.cuda.set_sync_debug_mode("error"), which raises on any host synchronisation."""
+    from fastgait.engine.trainer import _NEVER, _grad_norm, nonfinite_code, record_nonfinite
+
+    model = torch.nn.Linear(16, 16).cuda()
+    x = torch.randn(8, 16, device="cuda")
+    first_bad = torch.full((), _NEVER, dtype=torch.long, device="cuda")
+    bad_code = torch.zeros((), dtype=torch.long, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for iteration in (1, 2):
+            embeddings = model(x if iteration == 1 else x * float("nan"))
+            loss = embeddings.square().mean()
+            loss.backward()
+            code = nonfinite_code(loss, embeddings, embeddings.norm(dim=1).mean(), _grad_norm(model.parameters()))
+            first_bad, bad_code = record_nonfinite(first_bad, bad_code, code, iteration)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(first_bad) == 2 and int(bad_code) == 1 | 2 | 4 | 8

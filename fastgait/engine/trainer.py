@@ -406,17 +406,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-        # Divergence guard, on the device (no host sync): bit 1 loss, 2 embeddings, 4 distances, 8 gradients.
-        with torch.no_grad():
-            zero = torch.zeros((), dtype=torch.bool, device=loss.device)
-            distances = info.get("mean_pos_dist")
-            flags = (
-                ~torch.isfinite(loss.detach()),
-                ~torch.isfinite(embeddings.detach()).all(),
-                ~torch.isfinite(distances).all() if distances is not None else zero,
-                ~torch.isfinite(grad_norm.detach()).to(loss.device) if grad_norm is not None else zero,
-            )
-            self._nonfinite_code = sum(flag.long() * bit for flag, bit in zip(flags, (1, 2, 4, 8)))
+        self._nonfinite_code = nonfinite_code(loss, embeddings, info.get("mean_pos_dist"), grad_norm)
         # The logged total is the global objective (the gathered loss before the DDP scaling).
         return {"total_loss": loss.detach() / self.dist.world_size, **info}
 
@@ -480,9 +470,8 @@ class Trainer:
                 sils, labels = next(batches)
                 with nvtx_range(f"step {self.iteration}"):
                     metrics = self.train_step(sils, labels)
-                newly = (self._first_bad == _NEVER) & (self._nonfinite_code > 0)
-                self._first_bad = torch.where(newly, torch.full_like(self._first_bad, self.iteration + 1), self._first_bad)
-                self._bad_code = torch.where(newly, self._nonfinite_code, self._bad_code)
+                self._first_bad, self._bad_code = record_nonfinite(
+                    self._first_bad, self._bad_code, self._nonfinite_code, self.iteration + 1)
                 self.iteration += 1
                 window_iters += 1
                 bar.update(1)
@@ -701,6 +690,29 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="it", dynamic_ncols=True)
+
+
+@torch.no_grad()
+def nonfinite_code(loss: torch.Tensor, embeddings: torch.Tensor, distances: Optional[torch.Tensor],
+                   grad_norm: Optional[torch.Tensor]) -> torch.Tensor:
+    """On the device, no host sync: bit 1 the loss, 2 the embeddings, 4 the distances, 8 the
+    gradient norm is NaN/inf (0: all finite)."""
+    zero = torch.zeros((), dtype=torch.bool, device=loss.device)
+    flags = (
+        ~torch.isfinite(loss.detach()),
+        ~torch.isfinite(embeddings.detach()).all(),
+        ~torch.isfinite(distances.detach()).all() if distances is not None else zero,
+        ~torch.isfinite(grad_norm.detach()).to(loss.device) if grad_norm is not None else zero,
+    )
+    return sum(flag.long() * bit for flag, bit in zip(flags, (1, 2, 4, 8)))
+
+
+@torch.no_grad()
+def record_nonfinite(first_bad: torch.Tensor, bad_code: torch.Tensor, code: torch.Tensor, iteration: int):
+    """``(first_bad, bad_code)`` updated on the device: the first iteration whose ``code`` is non-zero."""
+    newly = (first_bad == _NEVER) & (code > 0)
+    return (torch.where(newly, torch.full_like(first_bad, iteration), first_bad),
+            torch.where(newly, code, bad_code))
 
 
 def _build_model_checked(model_cfg: dict):

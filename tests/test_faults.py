@@ -225,6 +225,22 @@ def test_torchrun_sigterm_leaves_a_loadable_checkpoint_and_resumes_exactly(tiny_
 
 
 @pytest.mark.slow
+def test_torchrun_preflight_failure_on_rank0_stops_every_rank(tiny_root, tmp_path):
+    """Rank 0 checks the test split; the others must not train on alone (and hang)."""
+    root = copy_root(tiny_root, tmp_path / "data")
+    bad = root / "006" / "cl-01" / "000" / "000.pkl"
+    bad.write_bytes(b"garbage")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "fastgait.train", "--output", str(tmp_path / "run"), f"data.root={root}", *TINY,
+               "train.iterations=5"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"error: test split: cannot read {bad}" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
 def test_external_sigint_to_the_cli_then_resume_equals_an_uninterrupted_run(tiny_root, tmp_path):
     """A real Ctrl-C from outside (the whole process group, loader workers included) at a
     seeded random point of the run."""
@@ -335,9 +351,11 @@ def test_bad_test_data_is_found_before_training(tiny_root, tmp_path, capsys):
     assert _no_training_happened(out)
 
     # data.on_error=skip now covers the evaluation too: the run trains and evaluates without the file
-    code, stdout, err = train(root, out, "train.iterations=2", "data.on_error=skip", capsys=capsys)
+    code, stdout, err = train(root, out, "train.iterations=2", "data.on_error=skip", "eval.baseline=true",
+                              capsys=capsys)
     assert code == 0, err
-    assert "1 unreadable sequence files left out" in stdout and "| model NM |" in stdout
+    assert "1 unreadable sequence files left out" in stdout
+    assert "| model NM |" in stdout and "| GEI+NN NM |" in stdout  # the baseline reads the same filtered split
 
     empty = tmp_path / "empty_test.json"
     write_partition(empty, ["001", "002", "003", "004"], [])

@@ -243,14 +243,29 @@ class Trainer:
         if train_cfg["K"] < 2:
             self._say("warning: train.K=1: no identity has a second sequence in a batch, so the triplet loss has no "
                       "positive pair and is 0; only the CE loss (loss.ce_weight) trains")
-        self._preflight(check_eval)
+        self._on_rank0_for_all(lambda: self._preflight(check_eval))
+
+    def _on_rank0_for_all(self, check) -> None:
+        """Run ``check`` on rank 0; every rank raises if it failed (no rank trains on alone)."""
+        error = None
+        if self.dist.is_main:
+            try:
+                check()
+            except Exception as caught:  # noqa: BLE001 - re-raised below, after the vote
+                error = caught
+        if self.dist.enabled:
+            flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._vote_group)
+            if flag.item() and error is None:
+                raise InputError("rank 0 found a problem before training (its error line says which)")
+        if error is not None:
+            raise error
 
     def _preflight(self, check_eval: bool) -> None:
-        """Everything the run needs after training, checked before the first iteration: the run
-        folder is writable, and (when the run evaluates) the test split reads and has a gallery
-        and probes under the protocol."""
-        if self.dist.is_main:
-            check_writable(self.output)
+        """Everything the run needs after training, checked (on rank 0) before the first
+        iteration: the run folder is writable, and (when the run evaluates) the test split reads
+        and has a gallery and probes under the protocol."""
+        check_writable(self.output)
         if not check_eval:
             return
         data_cfg = self.config["data"]
@@ -575,7 +590,7 @@ class Trainer:
                                     autocast=self.autocast, workers=self.config["eval"]["workers"],
                                     progress=self.progress)
             if self.config["eval"]["baseline"] and self._baseline is None:
-                self._baseline = gait_energy_baseline(self.data_root, self.partition, self.config["data"]["protocol"],
+                self._baseline = gait_energy_baseline(test_set, None, self.config["data"]["protocol"],
                                                       self.config["eval"]["metric"])
             report_results(result, self._baseline, self.output / "eval", tag=tag, printer=self._say)
         distributed.barrier(self.dist)
@@ -589,10 +604,11 @@ class Trainer:
         distributed.cleanup()
 
 
-def gait_energy_baseline(root: Path, partition: Optional[Path], protocol: str, metric: str) -> dict:
+def gait_energy_baseline(data, partition: Optional[Path], protocol: str, metric: str) -> dict:
+    """The GEI baseline on ``data`` (a test ``GaitDataset``, or a dataset root with ``partition``)."""
     from ..evaluation import gei_baseline
 
-    return gei_baseline(root, partition, protocol=protocol, metric=metric)
+    return gei_baseline(data, partition, protocol=protocol, metric=metric)
 
 
 # --- synthetic default data ----------------------------------------------------------------

@@ -390,6 +390,7 @@ BAD_OVERRIDES = [
     (["train.milestones=5"], "train.milestones"),
     (["train.iterations=abc"], "train.iterations"),
     (["train.P=8.5"], "train.P"),
+    (["train.P=100"], "train.P=100"),
     (["data=5"], "data"),
     (["train.iterations=0"], "train.iterations"),  # 10: nothing to train
     (["train.K=1"], "train.K"),  # 10: no positive pair for the triplet loss

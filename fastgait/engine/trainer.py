@@ -212,6 +212,9 @@ class Trainer:
             self.data_root, self.partition, "train", cache=config["data"]["cache"],
             on_error=config["data"]["on_error"], progress=self.progress,
         )
+        if train_cfg["P"] > self.train_set.num_ids:
+            raise ConfigError(f"train.P={train_cfg['P']} identities per batch, but the training split has only "
+                              f"{self.train_set.num_ids}; set train.P={self.train_set.num_ids} or less")
         model_cfg = dict(config["model"])
         if model_cfg.get("num_classes") == "auto":
             model_cfg["num_classes"] = self.train_set.num_ids
@@ -545,10 +548,12 @@ class Trainer:
 
     def _raise_nonfinite(self, iteration: int, what: str):
         latest = ckpt.latest_checkpoint(self.checkpoint_dir)
+        amp_hint = {torch.float16: ", or train.amp=bf16 or fp32 instead of fp16",
+                    torch.bfloat16: ", or train.amp=fp32"}.get(self.amp_dtype, "")
         raise NonFiniteLossError(
             f"training diverged: {what} became NaN/inf at iteration {iteration}; stopped without saving that state. "
-            f"Last good checkpoint: {latest or 'none yet'}. Try a lower train.lr (now {self.config['train']['lr']:g}), "
-            "train.grad_clip=1.0, or train.amp=bf16/fp32 instead of fp16, and --resume from that checkpoint"
+            f"Last good checkpoint: {latest or 'none yet'}. Try a lower train.lr (now {self.config['train']['lr']:g}) or "
+            f"train.grad_clip=1.0{amp_hint}" + (", and --resume from that checkpoint" if latest else "")
         )
 
     def _clear_previous_run(self) -> None:

@@ -161,9 +161,14 @@ def test_sigint_at_a_random_iteration_then_resume_equals_an_uninterrupted_run(ti
     original = Trainer.train_step
 
     def interrupted(self, *args):
-        if self.iteration == stop_in:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step, after the batch was drawn
-        return original(self, *args)
+        if self.iteration != stop_in:
+            return original(self, *args)
+        # Ctrl-C at the end of the forward pass: the step has drawn its batch and its masks
+        handle = self.model.register_forward_hook(lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        try:
+            return original(self, *args)
+        finally:
+            handle.remove()
 
     monkeypatch.setattr(Trainer, "train_step", interrupted)
     code, out, _ = train(tiny_root, tmp_path / "split", *extra, capsys=capsys)

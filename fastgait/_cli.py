@@ -74,7 +74,7 @@ def cli_main(function: Callable[[list[str]], Optional[int]]) -> Callable[[Option
         except SystemExit:  # argparse: its own usage + error line, exit 2
             raise
         except BaseException as error:  # noqa: BLE001 - every error becomes one line unless --debug
-            if debug and not isinstance(error, KeyboardInterrupt):
+            if debug and not isinstance(error, KeyboardInterrupt) and type(error).__name__ != "TrainingInterrupted":
                 raise
             message, code = describe(error)
             if message:

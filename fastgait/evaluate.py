@@ -10,14 +10,16 @@ from typing import Optional
 import torch
 
 from . import data as gait_data
+from ._cli import InputError, cli_main
 from .engine import checkpoint as ckpt
 from .engine.evaluation import evaluate_model, report_results
 from .evaluation import gei_baseline
-from .engine.trainer import data_paths, resolve_amp
+from .engine.trainer import _check_protocol, data_paths, resolve_amp, resolve_device
 from .models import build_model
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+@cli_main
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastgait.evaluate", description=__doc__)
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by fastgait.train")
     parser.add_argument("--data", type=Path, help="dataset root (default: the one the model was trained on)")
@@ -25,32 +27,39 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--protocol", choices=["casia-b", "oumvlp"], help="default: the training config's")
     parser.add_argument("--metric", choices=["euc", "cos"], default=None)
     parser.add_argument("--output", type=Path, help="report folder (default: beside the checkpoint, eval/)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if any)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the GEI baseline")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    state = ckpt.load_checkpoint(args.checkpoint)
+    bad = ckpt.nonfinite_tensors(state["model"])
+    if bad:
+        raise InputError(f"{args.checkpoint} holds NaN/inf weights ({len(bad)} of {len(state['model'])} tensors, "
+                         f"e.g. {bad[0]}): the run diverged; evaluate an earlier checkpoint")
+    config = state["config"]
+    data_cfg = config["data"]
+    root, partition = data_paths(data_cfg)  # the training run's data, unless --data says otherwise
+    if args.data is not None:
+        root, partition = args.data, None
+    partition = args.partition or partition
+    protocol = args.protocol or data_cfg["protocol"]
+    metric = args.metric or config["eval"]["metric"]
+    model = build_model(state["model_config"]).to(device)
     try:
-        state = ckpt.load_checkpoint(args.checkpoint)
-        config = state["config"]
-        data_cfg = config["data"]
-        root, partition = data_paths(data_cfg)  # the training run's data, unless --data says otherwise
-        if args.data is not None:
-            root, partition = args.data, None
-        partition = args.partition or partition
-        protocol = args.protocol or data_cfg["protocol"]
-        metric = args.metric or config["eval"]["metric"]
-        device = torch.device(args.device)
-        model = build_model(state["model_config"]).to(device)
         model.load_state_dict(state["model"])
-        test_set = gait_data.GaitDataset(root, partition, "test", cache=False)
-        amp = resolve_amp(config["train"]["amp"], device)
-        autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
-        result = evaluate_model(model, test_set, protocol=protocol, metric=metric, device=device, autocast=autocast)
-        baseline = None if args.no_baseline else gei_baseline(test_set, protocol=protocol, metric=metric)
-        out = args.output or args.checkpoint.parent.parent / "eval"
-        report_results(result, baseline, out, tag=args.checkpoint.stem)
-    except (FileNotFoundError, RuntimeError, ValueError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except RuntimeError as error:
+        raise ckpt.CheckpointError(f"{args.checkpoint}: the weights do not match its model_config "
+                                   f"({' '.join(str(error).split())[:200]})") from None
+    test_set = gait_data.GaitDataset(root, partition, "test", cache=False,
+                                     on_error=data_cfg.get("on_error", "raise"), progress=False)
+    _check_protocol(test_set, protocol)
+    amp = resolve_amp(config["train"]["amp"], device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    result = evaluate_model(model, test_set, protocol=protocol, metric=metric, device=device, autocast=autocast)
+    baseline = None if args.no_baseline else gei_baseline(test_set, protocol=protocol, metric=metric)
+    out = args.output or args.checkpoint.parent.parent / "eval"
+    report_results(result, baseline, out, tag=args.checkpoint.stem)
     return 0
 
 

@@ -155,6 +155,10 @@ def pretreat_dataset(
     return counts
 
 
+from .._cli import cli_main  # noqa: E402 - one-line errors for this CLI
+
+
+@cli_main
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastgait.data.pretreat", description=__doc__.split("\n\n")[0])
     parser.add_argument("raw", help="folder of raw silhouette frames")
@@ -168,4 +172,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

@@ -670,6 +670,10 @@ def _subject_done(folder: Path, preset: Preset, seed: int, subject_index: int) -
     )
 
 
+from .._cli import cli_main  # noqa: E402 - one-line errors for this CLI
+
+
+@cli_main
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastgait.data.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="output folder")
@@ -683,4 +687,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

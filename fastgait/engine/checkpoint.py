@@ -5,6 +5,8 @@ A checkpoint holds only tensors, numbers, strings, lists and dicts, so ``torch.l
 """
 from __future__ import annotations
 
+import errno
+import io
 import os
 import random
 import re
@@ -15,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-CHECKPOINT_PATTERN = re.compile(r"iter_(\d+)\.pt$")
+CHECKPOINT_PATTERN = re.compile(r"iter_(\d+)\.pt")
 
 
 def rng_state() -> dict[str, Any]:
@@ -42,17 +44,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def _make_temp(path: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+
+
 def save_atomic(obj: Any, path: Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
-    a crash mid-write leaves the previous file whole."""
+    """``torch.save`` to memory, then to a temporary file in the same folder, fsync, then rename
+    over ``path``: a crash mid-write leaves the previous file whole. Serialising to memory first
+    makes a full disk an ``OSError(ENOSPC)`` naming the file (torch's own writer reports only
+    "enforce fail at inline_container.cc ... unexpected pos")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    fd, tmp = _make_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(error.errno, f"no space left on device writing {path} "
+                              f"({buffer.getbuffer().nbytes / 2**20:.1f} MiB); free some space or choose another "
+                              "--output", str(path)) from None
+            raise
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -60,14 +80,47 @@ def save_atomic(obj: Any, path: Path) -> Path:
     return path
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed :func:`save_atomic` left (``.iter_*.pt.*.tmp``)."""
+    removed = []
+    for tmp in Path(folder).glob(f".iter_*.pt.*{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "iteration", "world_size", "config", "model_config")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or is not a fastgait checkpoint (the message names the file)."""
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
+    """Read a fastgait checkpoint (``weights_only``); a :class:`CheckpointError` naming the file if
+    it is truncated, corrupt, not a checkpoint, or misses a part."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - name the file whatever went wrong
-        raise RuntimeError(f"cannot read checkpoint {path}: {error}") from error
+        message = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt: {message}); "
+                              f"use an earlier checkpoint of the run (--resume PATH)") from None
+    missing = [k for k in REQUIRED_KEYS if k not in state] if isinstance(state, dict) else list(REQUIRED_KEYS)
+    if missing:
+        raise CheckpointError(f"{path} is not a fastgait training checkpoint (missing {', '.join(missing)}); "
+                              "use a checkpoint written by python -m fastgait.train")
+    if not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
+        raise CheckpointError(f"{path} is not a fastgait training checkpoint (bad config or model entry)")
+    return state
+
+
+def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors of ``state_dict`` holding NaN or inf."""
+    return [name for name, value in state_dict.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
 def checkpoint_path(folder: Path, iteration: int) -> Path:
@@ -75,16 +128,21 @@ def checkpoint_path(folder: Path, iteration: int) -> Path:
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:
-    found = sorted(
-        (int(m.group(1)), p) for p in Path(folder).glob("iter_*.pt") if (m := CHECKPOINT_PATTERN.search(p.name))
-    )
+    found = list_checkpoints(folder)
     return found[-1][1] if found else None
 
 
-def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
-    found = sorted(
-        (int(m.group(1)), p) for p in Path(folder).glob("iter_*.pt") if (m := CHECKPOINT_PATTERN.search(p.name))
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """``(iteration, path)`` of the ``iter_*.pt`` files of ``folder``, oldest first."""
+    return sorted(
+        (int(m.group(1)), p) for p in Path(folder).glob("iter_*.pt") if (m := CHECKPOINT_PATTERN.fullmatch(p.name))
     )
+
+
+def prune_checkpoints(folder: Path, keep: int, protect: Optional[Path] = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints; never ``protect`` (the one just written)."""
+    found = list_checkpoints(folder)
     for _, path in found[:-keep] if keep > 0 else []:
+        if protect is not None and Path(path) == Path(protect):
+            continue
         path.unlink(missing_ok=True)

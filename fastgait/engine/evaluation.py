@@ -9,6 +9,7 @@ import torch
 
 from .. import data as gait_data
 from ..evaluation import evaluate, summary, to_markdown, write_report
+from .signals import protect_workers
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def embed_sequences(model: torch.nn.Module, dataset, device: torch.device, autoc
 
     was_training = model.training
     model.eval()
-    loader = gait_data.make_test_loader(dataset, workers=workers)
+    loader = protect_workers(gait_data.make_test_loader(dataset, workers=workers))
     out = []
     for sils, *_ in tqdm(loader, total=len(dataset), desc="embed", unit="seq", disable=not progress, dynamic_ncols=True):
         with autocast():
@@ -34,6 +35,10 @@ def evaluate_model(model, dataset, *, protocol: str, metric: str = "euc", device
                    autocast: Callable = contextlib.nullcontext, workers: int = 0, progress: bool = True) -> dict:
     """Rank-1 tables of ``model`` on ``dataset`` (a test split) under ``protocol``."""
     embeddings = embed_sequences(model, dataset, device, autocast, workers, progress)
+    finite = torch.isfinite(embeddings).flatten(1).all(1)
+    if not bool(finite.all()):
+        raise ValueError(f"the model gave NaN/inf embeddings for {int((~finite).sum())} of {len(finite)} test "
+                         "sequences (diverged weights?); evaluate an earlier checkpoint, not a table of noise")
     return evaluate(embeddings, dataset.labels, dataset.types, dataset.views, protocol=protocol, metric=metric)
 
 

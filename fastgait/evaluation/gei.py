@@ -40,6 +40,10 @@ def gei_baseline(
     return evaluate(geis, dataset.labels, dataset.types, dataset.views, protocol=protocol, metric=metric)
 
 
+from .._cli import cli_main  # noqa: E402 - one-line errors for this CLI
+
+
+@cli_main
 def main(argv: Optional[list[str]] = None) -> None:
     from .render import matrix_markdown, to_markdown
 
@@ -62,4 +66,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

@@ -20,10 +20,11 @@ DEFAULTS: dict[str, Any] = {
         "partition": None,  # partition JSON; None: ROOT/partition.json (or the split preset below)
         "split": None,  # CASIA-B split preset st | mt | lt (first 24 / 62 / 74 subjects train)
         "synthetic": {"preset": "small", "seed": 0},
-        "protocol": "casia-b",
+        "protocol": "casia-b",  # casia-b | oumvlp | grew | gait3d | real-scene
         "cache": True,
         "workers": 2,
         "on_error": "raise",  # or "skip": skip unreadable sequence files and count them
+        "in_use": None,  # OpenGait's data_in_use: which file of a multi-file sequence folder, e.g. [true, false]
     },
     "model": {"name": "GaitMask", "preset": "casia-b"},
     "loss": {
@@ -35,7 +36,11 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "P": 8,
         "K": 16,
-        "clip_len": 30,
+        "clip_len": 30,  # frames per training clip (OpenGait's frames_num_fixed)
+        "sample_type": "fixed_ordered",  # fixed_ordered | fixed_unordered | unfixed_ordered | unfixed_unordered
+        "frames_num_min": 25,  # unfixed samplers: clip length drawn per batch from min..max
+        "frames_num_max": 35,
+        "frames_skip_num": 0,  # ordered samplers: window of clip_len + skip frames, clip_len kept in order
         "iterations": 80000,
         "optimizer": "adam",
         "lr": 1.0e-4,
@@ -51,7 +56,16 @@ DEFAULTS: dict[str, Any] = {
         "eval_every": 0,  # 0: evaluate once at the end
         "grad_clip": 0.0,  # 0: off
     },
-    "eval": {"metric": "euc", "workers": 2, "baseline": True},
+    "eval": {
+        "metric": "euc",
+        "workers": 2,
+        "baseline": True,
+        "frames_all_limit": -1,  # test: only the first N frames of a sequence (-1: all)
+        "probe": None,  # gait3d: probe keys JSON / list (default: the partition's PROBE_SET); real-scene: probe types
+        "rerank": False,  # k-reciprocal re-ranking (real-scene protocols)
+        "cross_view_gallery": False,  # casia-b / oumvlp: OpenGait's cross-view-gallery evaluation
+        "submission": None,  # grew | hid: also write the challenge CSV under the run's eval/
+    },
 }
 
 OPEN_SECTIONS = ("model",)

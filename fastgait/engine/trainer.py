@@ -19,7 +19,7 @@ from ..nn import CrossEntropyLoss, TripletLoss
 from ..ops.masks import set_batch_shard
 from . import checkpoint as ckpt
 from . import distributed
-from .evaluation import evaluate_model, report_results
+from .evaluation import eval_options, evaluate_model, report_results
 
 KEEP_CHECKPOINTS = 3
 
@@ -91,7 +91,7 @@ class Trainer:
         self.data_root, self.partition = self._prepare_data()
         self.train_set = gait_data.GaitDataset(
             self.data_root, self.partition, "train", cache=config["data"]["cache"],
-            on_error=config["data"]["on_error"], progress=self.progress,
+            on_error=config["data"]["on_error"], progress=self.progress, in_use=config["data"]["in_use"],
         )
         model_cfg = dict(config["model"])
         if model_cfg.get("num_classes") == "auto":
@@ -131,8 +131,6 @@ class Trainer:
             if not data_cfg["root"]:
                 synthetic = data_cfg["synthetic"]
                 ensure_synthetic(root, synthetic["preset"], synthetic["seed"], progress=self.progress)
-            if partition is not None and data_cfg["partition"] is None and not partition.exists():
-                gait_data.write_casia_b_partition(root, data_cfg["split"].upper(), partition)
         distributed.barrier(self.dist)
         return root, partition
 
@@ -232,7 +230,8 @@ class Trainer:
             self._say(f"resumed from {resume} at iteration {self.iteration}")
         total = int(cfg["iterations"])
         loader = gait_data.make_train_loader(
-            self.train_set, cfg["P"], cfg["K"], clip_len=cfg["clip_len"], workers=self.config["data"]["workers"],
+            self.train_set, cfg["P"], cfg["K"], frames=gait_data.FrameSampler.from_config(cfg),
+            workers=self.config["data"]["workers"],
             rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg["seed"], start_iteration=self.iteration)
         logger = MetricsLogger(self.output, enabled=self.dist.is_main, resume_from=self.iteration)
         bar = _progress_bar(total, self.iteration, self.progress)
@@ -300,14 +299,16 @@ class Trainer:
         """Rank-1 evaluation on the test split (rank 0); writes the report under ``output/eval``."""
         result = None
         if self.dist.is_main:
-            test_set = gait_data.GaitDataset(self.data_root, self.partition, "test", cache=False, progress=False)
+            test_set = gait_data.GaitDataset(self.data_root, self.partition, "test", cache=False, progress=False,
+                                             in_use=self.config["data"]["in_use"])
             result = evaluate_model(self.model, test_set, protocol=self.config["data"]["protocol"],
                                     metric=self.config["eval"]["metric"], device=self.device,
                                     autocast=self.autocast, workers=self.config["eval"]["workers"],
-                                    progress=self.progress)
+                                    progress=self.progress, frames_all_limit=self.config["eval"]["frames_all_limit"],
+                                    **eval_options(self.config))
             if self.config["eval"]["baseline"] and self._baseline is None:
-                self._baseline = gait_energy_baseline(self.data_root, self.partition, self.config["data"]["protocol"],
-                                                      self.config["eval"]["metric"])
+                self._baseline = gait_energy_baseline(test_set, None, self.config["data"]["protocol"],
+                                                      self.config["eval"]["metric"], **eval_options(self.config))
             report_results(result, self._baseline, self.output / "eval", tag=tag, printer=self._say)
         distributed.barrier(self.dist)
         return result
@@ -320,10 +321,10 @@ class Trainer:
         distributed.cleanup()
 
 
-def gait_energy_baseline(root: Path, partition: Optional[Path], protocol: str, metric: str) -> dict:
+def gait_energy_baseline(root, partition: Optional[Path], protocol: str, metric: str, **options) -> dict:
     from ..evaluation import gei_baseline
 
-    return gei_baseline(root, partition, protocol=protocol, metric=metric)
+    return gei_baseline(root, partition, protocol=protocol, metric=metric, **options)
 
 
 # --- synthetic default data ----------------------------------------------------------------
@@ -331,8 +332,9 @@ def gait_energy_baseline(root: Path, partition: Optional[Path], protocol: str, m
 
 def data_paths(data_cfg: dict) -> tuple[Path, Optional[Path]]:
     """``(root, partition)`` a data config names: ``data.root`` or the synthetic set's cache folder;
-    ``data.partition``, else the CASIA-B split file ``ROOT/partition_<SPLIT>.json``, else None
-    (the dataset then reads ``ROOT/partition.json``)."""
+    ``data.partition``, else the CASIA-B split ``data.split`` of the root's subjects (a
+    ``CasiaBSplit``, made when the dataset is read: nothing is written into the dataset folder),
+    else None (the dataset then reads ``ROOT/partition.json``)."""
     if data_cfg["root"]:
         root = Path(data_cfg["root"]).expanduser()
     else:
@@ -340,7 +342,7 @@ def data_paths(data_cfg: dict) -> tuple[Path, Optional[Path]]:
     if data_cfg["partition"]:
         return root, Path(data_cfg["partition"]).expanduser()
     if data_cfg["split"]:
-        return root, root / f"partition_{data_cfg['split'].upper()}.json"
+        return root, gait_data.CasiaBSplit(str(data_cfg["split"]).upper())
     return root, None
 
 

@@ -47,6 +47,7 @@ def grew_submission(
         raise ValueError(f"a GREW submission needs gallery types {GREW_GALLERY} and probe type {GREW_PROBE[0]}; "
                          f"found types {sorted(set(types.tolist()))}")
     dist = _distances(torch.as_tensor(embeddings).float(), probe, gallery, metric, rerank)
+    top = min(top, int(gallery.sum()))  # a toy gallery of fewer than 20 sequences: fewer columns
     nearest = top_k(dist, top)
     gallery_ids = subject_ids[gallery]
     rows = [[video, *(_subject(s) for s in gallery_ids[row])] for video, row in zip(views[probe], nearest)]

@@ -13,6 +13,7 @@ from . import data as gait_data
 from .engine import checkpoint as ckpt
 from .engine.evaluation import embed_sequences, eval_options, report_results, score_embeddings, write_submission
 from .evaluation import PROTOCOLS, gei_baseline
+from .evaluation.protocols import check_protocol
 from .engine.trainer import data_paths, resolve_amp
 from .models import build_model
 
@@ -55,6 +56,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         options["rerank"] = options["rerank"] or args.rerank
         options["cross_view_gallery"] = options["cross_view_gallery"] or args.cross_view_gallery
         test_set = gait_data.GaitDataset(root, partition, "test", cache=False, in_use=data_cfg.get("in_use"))
+        check_protocol(test_set.subject_ids, test_set.types, test_set.views, protocol,
+                       options["probe"] if options["probe"] is not None else test_set.probe_set)
         amp = resolve_amp(config["train"]["amp"], device)
         autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
         embeddings = embed_sequences(model, test_set, device, autocast,

@@ -230,6 +230,33 @@ def _cross_view_gallery(embeddings, labels, types, views, protocol, metric) -> d
     return result
 
 
+def check_protocol(labels, types, views, protocol: str, probe=None) -> None:
+    """Raise the error :func:`evaluate` would raise for a missing gallery or probe set, before any
+    embedding is computed (so a long embedding pass does not end in it)."""
+    labels, types, views = np.asarray(labels), np.asarray(types, dtype=str), np.asarray(views, dtype=str)
+    if protocol == "auto":
+        protocol = detect_protocol(types)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)} or 'auto', got {protocol!r}")
+    present = sorted(set(types.tolist()), key=natural_key)
+    if protocol in REAL_SCENE_PROTOCOLS:
+        probe_mask, gallery_mask = _real_scene_masks(protocol, labels, types, views, probe)
+        if not gallery_mask.any():
+            raise ValueError(f"protocol {protocol!r}: no gallery sequences among the test sequences (types {present})")
+        if not probe_mask.any():
+            raise ValueError(f"protocol {protocol!r}: no probe sequences among the test sequences (types {present})")
+        return
+    gallery, probe_sets = _probe_sets(types, protocol)
+    if not gallery.any():
+        expected = list(CASIA_B_GALLERY) if protocol == "casia-b" else [OUMVLP_GALLERY]
+        raise ValueError(
+            f"protocol {protocol!r}: no gallery sequences (types {expected}) among the test sequences (types {present}); "
+            "check the test split, or choose the protocol that matches the data"
+        )
+    if not any(mask.any() for mask in probe_sets.values()):
+        raise ValueError(f"no probe sequences for protocol {protocol!r} among types {present}")
+
+
 def evaluate(
     embeddings: Union[torch.Tensor, np.ndarray],
     labels: Sequence,

@@ -110,6 +110,8 @@ def test_gait3d_probe_keys_list_and_json(tmp_path, metric, parts):
         result = evaluate(embeddings, subjects, types, views, protocol="gait3d", metric=metric, probe=keys)
     check(result)
     assert result["protocol"] == "gait3d" and result["metric"] == metric and not result["reranked"]
+    with pytest.warns(UserWarning):
+        assert evaluate(embeddings, subjects, types, views, protocol="auto", metric=metric, probe=keys)["protocol"] == "gait3d"
     (tmp_path / "Gait3D.json").write_text(json.dumps({"TRAIN_SET": [], "TEST_SET": [], "PROBE_SET": keys}))
     (tmp_path / "probe.json").write_text(json.dumps(keys))
     for source in (tmp_path / "Gait3D.json", str(tmp_path / "probe.json")):

@@ -1,6 +1,6 @@
 """Synthetic gait: the embedded default dataset (data.md §5).
 
-    python -m fastgait.data.synthetic OUT --preset casia-b|oumvlp|small --seed S
+    python -m fastgait.data.synthetic OUT --preset casia-b|oumvlp|small|real-scene --seed S
 
 Each subject is a body of capsules, ellipsoids and boxes with its own proportions, thickness
 and walking style (cadence, stride, joint-curve amplitudes and phases, lean, arm swing and
@@ -12,7 +12,10 @@ subject carries the same bag in bg-01 and bg-02. Identity therefore lives in bod
 gait, and survives a change of view only as far as a model can see past it.
 
 Output: ``OUT/<sid>/<type>/<view>/<view>.pkl`` (plain pickled uint8 ``[T, 64, 64]``),
-``OUT/partition.json`` and ``OUT/meta.json`` (written last: its presence marks a finished set).
+``OUT/partition.json`` (with a ``PROBE_SET`` for the real-scene preset) and ``OUT/meta.json``
+(written last: its presence marks a finished set). The generator refuses a non-empty folder that
+is not a set of the same preset and seed (``.fastgait-synthetic.json``, written first, marks an
+unfinished one).
 Every sequence is drawn from ``numpy.random.default_rng`` seeded with the dataset seed and its
 (subject, type, view), so a set is the same bytes whatever the number of workers.
 """

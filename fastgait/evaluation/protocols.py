@@ -47,9 +47,12 @@ def is_real_scene(result: dict) -> bool:
     return "rank-1" in result
 
 
-def detect_protocol(types: Sequence[str]) -> str:
-    """``"oumvlp"`` when every type is ``"00"`` or ``"01"``, ``"grew"`` when they are ``01``/``02``/``03``
+def detect_protocol(types: Sequence[str], probe=None) -> str:
+    """With a ``probe`` set: ``"real-scene"`` for a boolean mask, else ``"gait3d"``. Without:
+    ``"oumvlp"`` when every type is ``"00"`` or ``"01"``, ``"grew"`` when they are ``01``/``02``/``03``
     with some ``03``, else ``"casia-b"``."""
+    if probe is not None:
+        return "real-scene" if np.asarray(probe).dtype == np.bool_ else "gait3d"
     present = set(map(str, types))
     if present <= {OUMVLP_GALLERY, OUMVLP_PROBE}:
         return "oumvlp"
@@ -235,7 +238,7 @@ def check_protocol(labels, types, views, protocol: str, probe=None) -> None:
     embedding is computed (so a long embedding pass does not end in it)."""
     labels, types, views = np.asarray(labels), np.asarray(types, dtype=str), np.asarray(views, dtype=str)
     if protocol == "auto":
-        protocol = detect_protocol(types)
+        protocol = detect_protocol(types, probe)
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)} or 'auto', got {protocol!r}")
     present = sorted(set(types.tolist()), key=natural_key)
@@ -299,7 +302,7 @@ def evaluate(
     from ..ops import part_distance
 
     if protocol == "auto":
-        protocol = detect_protocol(types)
+        protocol = detect_protocol(types, probe)
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)} or 'auto', got {protocol!r}")
     embeddings = torch.as_tensor(embeddings)

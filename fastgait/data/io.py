@@ -175,8 +175,9 @@ def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """``[T, H, W]`` (0..255) resized to ``[T, height, width]`` float32 by area averaging (PIL's BOX filter)."""
     from PIL import Image
 
-    frames = frames.astype(np.float32, copy=False)
-    return np.stack([np.asarray(Image.fromarray(f, mode="F").resize((width, height), Image.BOX)) for f in frames])
+    box = getattr(Image, "Resampling", Image).BOX
+    frames = np.ascontiguousarray(frames, dtype=np.float32)  # float32 2-D arrays become PIL "F" images
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), box)) for f in frames])
 
 
 def check_sequence(array: object, path: PathLike) -> np.ndarray:

@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "probe": None,  # gait3d: probe keys JSON / list (default: the partition's PROBE_SET); real-scene: probe types
         "rerank": False,  # k-reciprocal re-ranking (real-scene protocols)
         "cross_view_gallery": False,  # casia-b / oumvlp: OpenGait's cross-view-gallery evaluation
-        "submission": None,  # grew | hid: also write the challenge CSV under the run's eval/
+        "submission": None,  # grew | hid: python -m fastgait.evaluate also writes the challenge CSV to its report folder
     },
 }
 

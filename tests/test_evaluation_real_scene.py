@@ -286,3 +286,15 @@ def test_rendering_real_scene(tmp_path):
     assert "1 probes without a sequence of their subject in the gallery" in paths["md"].read_text()
     combined = combined_table(result, result)
     assert "| model | 50.0 |" in combined and "| GEI+NN | 50.0 |" in combined
+
+
+def test_chunked_scoring_equals_one_pass(monkeypatch):
+    from fastgait.evaluation import ranking
+
+    rng = np.random.default_rng(5)
+    dist, probes, gallery = rng.random((50, 37)), rng.integers(0, 9, 50), rng.integers(0, 7, 37)
+    whole, top = ranking.rank_metrics(dist, probes, gallery), ranking.top_k(dist, 20)
+    monkeypatch.setattr(ranking, "CHUNK", 7)
+    chunked = ranking.rank_metrics(dist, probes, gallery)
+    assert chunked.keys() == whole.keys() and all(chunked[k] == pytest.approx(whole[k]) for k in whole)
+    np.testing.assert_array_equal(ranking.top_k(dist, 20), top)

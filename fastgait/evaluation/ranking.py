@@ -24,10 +24,16 @@ import torch
 RANKS = (1, 5, 10, 20)
 
 
+CHUNK = 1024  # probes per step: bounds memory at CHUNK x n_gallery (GREW-sized sets fit)
+
+
+def _numpy(dist) -> np.ndarray:
+    return dist.detach().cpu().numpy() if isinstance(dist, torch.Tensor) else np.asarray(dist)
+
+
 def match_matrix(dist, probe_labels, gallery_labels) -> np.ndarray:
     """``[n_probe, n_gallery]`` bool: ``matches[i, r]`` is whether probe ``i``'s rank-``r`` gallery item shares its label."""
-    dist = dist.detach().cpu().numpy() if isinstance(dist, torch.Tensor) else np.asarray(dist)
-    order = np.argsort(dist, axis=1, kind="stable")
+    order = np.argsort(_numpy(dist), axis=1, kind="stable")
     return np.asarray(gallery_labels)[order] == np.asarray(probe_labels)[:, None]
 
 
@@ -35,34 +41,43 @@ def rank_metrics(dist, probe_labels, gallery_labels, ranks: Sequence[int] = RANK
     """``{"rank-k": %, ..., "mAP": %, "mINP": %, "probes": n, "gallery": m, "probes_without_gallery": k}``.
 
     ``dist`` ``[n, m]`` (numpy or torch), labels of any comparable type. Percentages are NaN
-    when no probe has a match.
+    when no probe has a match. Probes are scored ``CHUNK`` at a time.
     """
-    matches = match_matrix(dist, probe_labels, gallery_labels)
-    n_probe, n_gallery = matches.shape
+    dist = _numpy(dist)
+    probe_labels, gallery_labels = np.asarray(probe_labels), np.asarray(gallery_labels)
+    n_probe, n_gallery = dist.shape
     if n_gallery == 0:
         raise ValueError("the gallery is empty: no distances to rank")
-    valid = matches.any(1)
-    result = {}
-    m = matches[valid].astype(np.float64)
-    if m.shape[0]:
+    columns = [min(k, n_gallery) - 1 for k in ranks]
+    cmc_hits = np.zeros(len(ranks))
+    ap_sum = inp_sum = 0.0
+    n_valid = 0
+    for start in range(0, n_probe, CHUNK):
+        matches = match_matrix(dist[start : start + CHUNK], probe_labels[start : start + CHUNK], gallery_labels)
+        m = matches[matches.any(1)].astype(np.float64)
+        if not m.shape[0]:
+            continue
         hits = np.cumsum(m, 1)  # matches up to each rank
-        cmc = (hits > 0).mean(0)
-        for k in ranks:
-            result[f"rank-{k}"] = 100.0 * float(cmc[min(k, n_gallery) - 1])
+        cmc_hits += (hits[:, columns] > 0).sum(0)
         precision = hits / np.arange(1, n_gallery + 1)
-        ap = (precision * m).sum(1) / m.sum(1)
+        ap_sum += float(((precision * m).sum(1) / m.sum(1)).sum())
         last = n_gallery - 1 - np.argmax(m[:, ::-1], axis=1)  # rank of the hardest match
-        inp = m.sum(1) / (last + 1)
-        result["mAP"] = 100.0 * float(ap.mean())
-        result["mINP"] = 100.0 * float(inp.mean())
+        inp_sum += float((m.sum(1) / (last + 1)).sum())
+        n_valid += m.shape[0]
+    result = {}
+    if n_valid:
+        result.update({f"rank-{k}": 100.0 * float(c) / n_valid for k, c in zip(ranks, cmc_hits)})
+        result.update(mAP=100.0 * ap_sum / n_valid, mINP=100.0 * inp_sum / n_valid)
     else:
         result.update({f"rank-{k}": float("nan") for k in ranks})
         result.update(mAP=float("nan"), mINP=float("nan"))
-    result.update(probes=int(n_probe), gallery=int(n_gallery), probes_without_gallery=int((~valid).sum()))
+    result.update(probes=int(n_probe), gallery=int(n_gallery), probes_without_gallery=int(n_probe - n_valid))
     return result
 
 
 def top_k(dist, k: int) -> np.ndarray:
     """Indices of the ``k`` nearest gallery items of each probe, nearest first (ties: gallery order)."""
-    dist = dist.detach().cpu().numpy() if isinstance(dist, torch.Tensor) else np.asarray(dist)
-    return np.argsort(dist, axis=1, kind="stable")[:, :k]
+    dist = _numpy(dist)
+    return np.concatenate(
+        [np.argsort(dist[s : s + CHUNK], axis=1, kind="stable")[:, :k] for s in range(0, len(dist), CHUNK)]
+    ) if len(dist) else np.zeros((0, k), np.int64)

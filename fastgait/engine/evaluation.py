@@ -91,7 +91,8 @@ def report_results(result: dict, baseline: Optional[dict], out_dir: Path, tag: s
     if baseline:
         write_report(baseline, out_dir, stem=f"{stem}_gei_baseline", title="GEI + nearest neighbour")
     if real_scene:
-        printer(f"\nRetrieval scores (%), protocol {result['protocol']}, {result['probes']} probes against "
+        printer(f"\nRetrieval scores (%), protocol {result['protocol']}{', re-ranked' if result.get('reranked') else ''}, "
+                f"{result['probes']} probes against "
                 f"{result['gallery']} gallery sequences (held-out subjects):\n")
     else:
         printer("\nRank-1 accuracy (%) per probe view, identical views excluded (held-out subjects):\n")

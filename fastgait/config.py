@@ -21,10 +21,11 @@ DEFAULTS: dict[str, Any] = {
         "partition": None,  # partition JSON; None: ROOT/partition.json (or the split preset below)
         "split": None,  # CASIA-B split preset st | mt | lt (first 24 / 62 / 74 subjects train)
         "synthetic": {"preset": "small", "seed": 0},
-        "protocol": "casia-b",
+        "protocol": "casia-b",  # casia-b | oumvlp | grew | gait3d | real-scene
         "cache": True,
         "workers": 2,
         "on_error": "raise",  # or "skip": skip unreadable sequence files and count them
+        "in_use": None,  # OpenGait's data_in_use: which file of a multi-file sequence folder, e.g. [true, false]
     },
     "model": {"name": "GaitMask", "preset": "casia-b"},
     "loss": {
@@ -36,7 +37,11 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "P": 8,
         "K": 16,
-        "clip_len": 30,
+        "clip_len": 30,  # frames per training clip (OpenGait's frames_num_fixed)
+        "sample_type": "fixed_ordered",  # fixed_ordered | fixed_unordered | unfixed_ordered | unfixed_unordered
+        "frames_num_min": 25,  # unfixed samplers: clip length drawn per batch from min..max
+        "frames_num_max": 35,
+        "frames_skip_num": 0,  # ordered samplers: window of clip_len + skip frames, clip_len kept in order
         "iterations": 80000,
         "optimizer": "adam",
         "lr": 1.0e-4,
@@ -52,7 +57,16 @@ DEFAULTS: dict[str, Any] = {
         "eval_every": 0,  # 0: evaluate once at the end
         "grad_clip": 0.0,  # 0: off
     },
-    "eval": {"metric": "euc", "workers": 2, "baseline": True},
+    "eval": {
+        "metric": "euc",
+        "workers": 2,
+        "baseline": True,
+        "frames_all_limit": -1,  # test: only the first N frames of a sequence (-1: all)
+        "probe": None,  # gait3d: probe keys JSON / list (default: the partition's PROBE_SET); real-scene: probe types
+        "rerank": False,  # k-reciprocal re-ranking (real-scene protocols)
+        "cross_view_gallery": False,  # casia-b / oumvlp: OpenGait's cross-view-gallery evaluation
+        "submission": None,  # grew | hid: python -m fastgait.evaluate also writes the challenge CSV to its report folder
+    },
 }
 
 OPEN_SECTIONS = ("model",)
@@ -279,7 +293,7 @@ SCHEMA: dict[str, Any] = {
     "data.split": _split,
     "data.synthetic.preset": _str,
     "data.synthetic.seed": _int(0),
-    "data.protocol": _choice("casia-b", "oumvlp", "auto"),
+    "data.protocol": _choice("casia-b", "oumvlp", "grew", "gait3d", "real-scene", "auto"),
     "data.cache": _bool,
     "data.workers": _int(0),
     "data.on_error": _choice("raise", "skip"),

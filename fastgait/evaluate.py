@@ -1,4 +1,4 @@
-"""``python -m fastgait.evaluate --checkpoint CKPT [--data ROOT]``: the rank-1 report of a trained model."""
+"""``python -m fastgait.evaluate --checkpoint CKPT [--data ROOT]``: the evaluation report of a trained model."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +12,8 @@ import torch
 from . import data as gait_data
 from ._cli import InputError, cli_main
 from .engine import checkpoint as ckpt
-from .engine.evaluation import evaluate_model, report_results
-from .evaluation import gei_baseline
+from .engine.evaluation import embed_sequences, eval_options, report_results, score_embeddings, write_submission
+from .evaluation import PROTOCOLS, gei_baseline
 from .engine.trainer import _check_protocol, data_paths, resolve_amp, resolve_device
 from .models import build_model
 
@@ -24,7 +24,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by fastgait.train")
     parser.add_argument("--data", type=Path, help="dataset root (default: the one the model was trained on)")
     parser.add_argument("--partition", type=Path, help="partition JSON (default: the training run's)")
-    parser.add_argument("--protocol", choices=["casia-b", "oumvlp"], help="default: the training config's")
+    parser.add_argument("--protocol", choices=PROTOCOLS, help="default: the training config's")
+    parser.add_argument("--probe", help="gait3d: probe keys JSON (default: eval.probe, else the partition's PROBE_SET)")
+    parser.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (real-scene protocols)")
+    parser.add_argument("--cross-view-gallery", action="store_true",
+                        help="casia-b / oumvlp: OpenGait's cross-view-gallery evaluation")
+    parser.add_argument("--submission", choices=["grew", "hid"], help="also write the challenge CSV to the report folder")
     parser.add_argument("--metric", choices=["euc", "cos"], default=None)
     parser.add_argument("--output", type=Path, help="report folder (default: beside the checkpoint, eval/)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU if any)")
@@ -51,14 +56,28 @@ def main(argv: list[str]) -> int:
     except RuntimeError as error:
         raise ckpt.CheckpointError(f"{args.checkpoint}: the weights do not match its model_config "
                                    f"({' '.join(str(error).split())[:200]})") from None
-    test_set = gait_data.GaitDataset(root, partition, "test", cache=False,
-                                     on_error=data_cfg.get("on_error", "raise"), progress=False)
-    _check_protocol(test_set, protocol)
+    eval_cfg = config.get("eval", {})
+    options = eval_options(config)
+    if args.protocol and args.protocol != data_cfg["protocol"]:
+        options["probe"] = None  # the run's probe option belongs to its own protocol
+    if args.probe:
+        options["probe"] = args.probe
+    options["rerank"] = options["rerank"] or args.rerank
+    options["cross_view_gallery"] = options["cross_view_gallery"] or args.cross_view_gallery
+    test_set = gait_data.GaitDataset(root, partition, "test", cache=False, on_error=data_cfg.get("on_error", "raise"),
+                                     progress=False, in_use=data_cfg.get("in_use"))
+    _check_protocol(test_set, protocol, options["probe"])
     amp = resolve_amp(config["train"]["amp"], device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
-    result = evaluate_model(model, test_set, protocol=protocol, metric=metric, device=device, autocast=autocast)
-    baseline = None if args.no_baseline else gei_baseline(test_set, protocol=protocol, metric=metric)
+    embeddings = embed_sequences(model, test_set, device, autocast, frames_all_limit=eval_cfg.get("frames_all_limit", -1))
     out = args.output or args.checkpoint.parent.parent / "eval"
+    submission = args.submission or eval_cfg.get("submission")
+    if submission:
+        path = write_submission(submission, embeddings, test_set, out, args.checkpoint.stem, metric,
+                                options["rerank"] if args.rerank else None)
+        print(f"{submission} submission: {path}")
+    result = score_embeddings(embeddings, test_set, protocol=protocol, metric=metric, **options)
+    baseline = None if args.no_baseline else gei_baseline(test_set, protocol=protocol, metric=metric, **options)
     report_results(result, baseline, out, tag=args.checkpoint.stem)
     return 0
 

@@ -68,12 +68,11 @@ def test_splits_have_contiguous_labels(layout, cache):
     assert test.labels[test.subject_ids == "010"][0] == 1  # natural order: 002 before 010
 
 
-def test_first_sorted_file_of_a_folder_is_the_sequence(layout):
+def test_a_folder_of_several_files_needs_in_use(layout):
     folder = layout / "001" / "nm-01" / "000"
     save_sequence(folder / "zz-second.pkl", np.zeros((5, 64, 64), np.uint8))
-    data = GaitDataset(layout, split="all", progress=False)
-    i = [p.parent for p in data.paths].index(folder)
-    assert data.paths[i].name == "000.pkl"
+    with pytest.raises(SequenceFileError, match=r"000: holds 2 sequence files \['000.pkl', 'zz-second.pkl'\].*data.in_use"):
+        GaitDataset(layout, split="all", progress=False)
 
 
 def corrupt_one(layout):

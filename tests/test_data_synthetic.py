@@ -83,13 +83,59 @@ def test_finished_set_is_reused_and_a_different_one_refused(tiny, tmp_path):
         generate(tiny, "small", seed=1, progress=False, **TINY)
 
 
-def test_interrupted_generation_completes(tmp_path):
+def test_interrupted_generation_completes(tmp_path, monkeypatch):
     out = tmp_path / "d"
-    synthetic._write_subject((resolve_preset("small", **TINY), 0, 1, str(out)))  # as if killed after one subject
-    done = load_sequence(out / "002" / "nm-05" / "090" / "090.pkl")
+    write_subject, calls = synthetic._write_subject, []
+
+    def killed_after_one(job):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(job)
+        return write_subject(job)
+
+    monkeypatch.setattr(synthetic, "_write_subject", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        generate(out, "small", seed=0, workers=1, progress=False, **TINY)
+    monkeypatch.setattr(synthetic, "_write_subject", write_subject)
+    assert not (out / "meta.json").exists() and (out / synthetic.MARKER).exists()
+    done = {k: v for k, v in arrays(out).items()}
+    assert done and all(k.startswith("001/") for k in done)
     generate(out, "small", seed=0, workers=1, progress=False, **TINY)
     assert len(arrays(out)) == 18
-    np.testing.assert_array_equal(load_sequence(out / "002" / "nm-05" / "090" / "090.pkl"), done)
+    for key, sils in done.items():
+        np.testing.assert_array_equal(load_sequence(out / key), sils)
+
+
+def test_a_users_folder_is_refused_untouched(tmp_path):
+    """Issue 7: into a folder without our meta.json the generator replaced the user's partition.json."""
+    out = tmp_path / "users_data"
+    (out / "900" / "nm-01" / "000").mkdir(parents=True)
+    (out / "partition.json").write_text('{"TRAIN_SET": ["900"], "TEST_SET": []}')
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    with pytest.raises(FileExistsError, match=r"users_data is not empty and is not a synthetic set"):
+        generate(out, "small", seed=0, workers=1, progress=False, **TINY)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert (out / "partition.json").read_text() == '{"TRAIN_SET": ["900"], "TEST_SET": []}'
+    # an unfinished set of another seed is refused too
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / synthetic.MARKER).write_text('{"seed": 5}')
+    with pytest.raises(FileExistsError, match="unfinished synthetic set of another preset or seed"):
+        generate(other, "small", seed=0, workers=1, progress=False, **TINY)
+
+
+def test_real_scene_preset_writes_a_probe_set(tmp_path):
+    preset = dict(subjects=5, train_subjects=2, views=("000", "090"), min_cycles=1.0, extra_frames=1)
+    out = generate(tmp_path / "rs", "real-scene", seed=0, workers=1, progress=False, **preset)
+    partition = read_partition(out / "partition.json")
+    assert partition["TEST_SET"] == ["003", "004", "005"]
+    probes = partition["PROBE_SET"]
+    assert len(probes) == 3 and sorted(k.split("-")[0] for k in probes) == ["003", "004", "005"]
+    test = GaitDataset(out, split="test", progress=False)
+    assert set(test.types) == {"00"} and test.probe_set == probes
+    keys = {f"{s}-{t}-{v}" for s, t, v in zip(test.subject_ids, test.types, test.views)}
+    assert set(probes) <= keys and len(keys) == 6
+    assert PRESETS["real-scene"].probes_per_subject == 1 and len(PRESETS["real-scene"].test_types) == 1
 
 
 def test_missing_sequences_like_oumvlp(tmp_path):

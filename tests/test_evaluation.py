@@ -93,14 +93,20 @@ def test_oumvlp_with_and_without_invalid_probes():
                 targets[0] = 1  # wrong against gallery view 000
             embeddings.append(embedding(targets))
             labels.append(s), types.append("00"), views.append(view)
-    result = evaluate(np.stack(embeddings), labels, types, views, protocol="oumvlp")
+    with pytest.warns(UserWarning, match=r"2 of 18 \(probe, gallery view\) pairs .* NM-valid rows leave them out"):
+        result = evaluate(np.stack(embeddings), labels, types, views, protocol="oumvlp")
+    assert result["NM"]["probes_without_gallery"] == 2 and result["NM-valid"]["probes_without_gallery"] == 2
     third = 100 * 2 / 3
     assert list(result) == ["NM", "NM-valid"]
     np.testing.assert_allclose(result["NM"]["matrix"], [[100, third, 100], [100, third, 100], [third, third, 100]])
     np.testing.assert_allclose(result["NM-valid"]["matrix"], [[100, 100, 100], [100, 100, 100], [third, 100, 100]])
     np.testing.assert_allclose(result["NM"]["per_view"], [(third + 100) / 2, 100, third])
     np.testing.assert_allclose(result["NM-valid"]["per_view"], [100, 100, (third + 100) / 2])
-    assert evaluate(np.stack(embeddings), labels, types, views, protocol="auto").keys() == result.keys()
+    with pytest.warns(UserWarning):
+        assert evaluate(np.stack(embeddings), labels, types, views, protocol="auto").keys() == result.keys()
+    # cross-view gallery (OpenGait's): one gallery of all views, the probe subject's own view left out
+    cross = evaluate(np.stack(embeddings), labels, types, views, protocol="oumvlp", cross_view_gallery=True)
+    assert list(cross) == ["NM"] and cross["NM"]["matrix"] is None and cross["NM"]["probes_without_gallery"] == 0
 
 
 def test_bad_inputs():

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from .io import PathLike, SequenceFileError, load_sequence
-from .layout import GENERATE_HINT, SequenceEntry, natural_key, read_partition, scan_layout
+from .layout import (
+    GENERATE_HINT, CasiaBSplit, InUse, SequenceEntry, _subject_list, check_partition, natural_key, read_partition, scan_layout,
+)
 
 SPLITS = ("train", "test", "all")
 ON_ERROR = ("raise", "skip")
@@ -22,8 +24,9 @@ class GaitDataset(torch.utils.data.Dataset):
 
     Args:
         root: the dataset folder.
-        partition: a partition JSON (``TRAIN_SET``/``TEST_SET``); ``None`` uses ``ROOT/partition.json``
-            when it exists. ``split="all"`` ignores it.
+        partition: a partition JSON (``TRAIN_SET``/``TEST_SET``), such a dict, or a
+            :class:`~fastgait.data.layout.CasiaBSplit` (made from the root's subject folders, nothing
+            written); ``None`` uses ``ROOT/partition.json``. ``split="all"`` ignores it.
         split: ``"train"``, ``"test"`` or ``"all"`` (every subject folder).
         cache: load every sequence once, now, and keep it in memory. Loaders built by
             ``make_train_loader``/``make_test_loader`` fork their workers after this, so the
@@ -32,10 +35,14 @@ class GaitDataset(torch.utils.data.Dataset):
             are left out and listed in ``skipped``). Skipping needs every file read now, so
             ``on_error="skip"`` reads them even with ``cache=False``.
         progress: show a progress bar while loading.
+        in_use: which file of a sequence folder holding several (OpenGait's ``data_in_use``: a
+            list of booleans, one per file in sorted order, or an index); ``None`` requires one file
+            per folder. See :func:`fastgait.data.layout.select_file`.
 
     Attributes: ``labels`` (int64, contiguous ``0..num_ids-1`` over the split's subjects in sorted
     order), ``subject_ids``, ``types``, ``views`` (str arrays), ``paths``, ``num_ids``,
-    ``skipped`` (list of ``(path, problem)``), ``num_skipped``.
+    ``skipped`` (list of ``(path, problem)``), ``num_skipped``, ``probe_set`` (the partition's
+    ``PROBE_SET`` of ``<id>-<type>-<view>`` keys, as Gait3D's JSON has it; ``None`` without).
     """
 
     def __init__(
@@ -46,6 +53,7 @@ class GaitDataset(torch.utils.data.Dataset):
         cache: bool = True,
         on_error: str = "raise",
         progress: bool = True,
+        in_use: InUse = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -55,8 +63,9 @@ class GaitDataset(torch.utils.data.Dataset):
         self.split = split
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset root {self.root} does not exist or is not a folder; {GENERATE_HINT}")
+        self.probe_set: Optional[list[str]] = None  # a partition's PROBE_SET (Gait3D's probe keys), if any
         subjects = self._split_subjects(partition)
-        entries = scan_layout(self.root, subjects)
+        entries = scan_layout(self.root, subjects, in_use)
         if subjects is not None:
             found = {e.subject for e in entries}
             missing = [s for s in subjects if s not in found]
@@ -68,13 +77,35 @@ class GaitDataset(torch.utils.data.Dataset):
                 f"{self.root}; {GENERATE_HINT}"
             )
         self.skipped: list[tuple[Path, str]] = []
+        entries = self._drop_unreadable_paths(entries, on_error)
         self._cache: Optional[list[np.ndarray]] = None
-        if cache or on_error == "skip":
+        if entries and (cache or on_error == "skip"):
             entries, arrays = self._load_all(entries, on_error, progress)
-            if not entries:
-                raise FileNotFoundError(f"every sequence file of split {split!r} under {self.root} was unreadable")
             self._cache = arrays if cache else None
+        if not entries:
+            first_path, first_problem = self.skipped[0]
+            raise FileNotFoundError(
+                f"every one of the {len(self.skipped)} sequence files of split {split!r} under {self.root} was "
+                f"unreadable (on_error='skip' left them all out); the first: {first_path}: {first_problem}"
+            )
+        if self.skipped:
+            warnings.warn(
+                f"{self.root}: skipped {len(self.skipped)} unreadable sequence files of split {split!r} "
+                f"(see dataset.skipped); the first: {self.skipped[0][0]}: {self.skipped[0][1]}"
+            )
         self._set_entries(entries)
+
+    def _drop_unreadable_paths(self, entries: list[SequenceEntry], on_error: str) -> list[SequenceEntry]:
+        """Paths that are not regular files (dangling symlinks, folders, FIFOs): raise, or skip and count."""
+        kept = []
+        for entry in entries:
+            if entry.problem is None:
+                kept.append(entry)
+            elif on_error == "raise":
+                raise SequenceFileError(entry.path, entry.problem + " (or set data.on_error=skip to leave it out)")
+            else:
+                self.skipped.append((entry.path, entry.problem))
+        return kept
 
     def _split_subjects(self, partition: Optional[PathLike]) -> Optional[list[str]]:
         if self.split == "all":
@@ -86,7 +117,18 @@ class GaitDataset(torch.utils.data.Dataset):
                     f"split {self.split!r} needs a partition JSON and {partition} does not exist; pass "
                     "partition=PATH, or split='all' to use every subject"
                 )
-        return read_partition(partition)["TRAIN_SET" if self.split == "train" else "TEST_SET"]
+        if isinstance(partition, CasiaBSplit):
+            partition = partition.resolve(self.root)
+        if isinstance(partition, dict):
+            missing = {"TRAIN_SET", "TEST_SET"} - set(partition)
+            if missing:
+                raise ValueError(f"a partition needs the keys TRAIN_SET and TEST_SET; {sorted(missing)} missing")
+            partition = check_partition({k: _subject_list(v, k, "partition") for k, v in partition.items()
+                                         if k in ("TRAIN_SET", "TEST_SET", "PROBE_SET")})
+        else:
+            partition = read_partition(partition)
+        self.probe_set = partition.get("PROBE_SET")
+        return partition["TRAIN_SET" if self.split == "train" else "TEST_SET"]
 
     def _load_all(self, entries: list[SequenceEntry], on_error: str, progress: bool):
         from tqdm import tqdm
@@ -111,8 +153,6 @@ class GaitDataset(torch.utils.data.Dataset):
             else:
                 kept_entries.append(entry)
                 arrays.append(item)
-        if self.skipped:
-            warnings.warn(f"{self.root}: skipped {len(self.skipped)} unreadable sequence files (see dataset.skipped)")
         return kept_entries, arrays
 
     def _set_entries(self, entries: list[SequenceEntry]) -> None:

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .frames import FrameBatchSampler, FrameSampler, limit_frames
 from .sampler import TripletSampler
 
 CUT = 10  # columns dropped on each side: 64 -> 44
@@ -45,20 +46,25 @@ def random_clip(sils: np.ndarray, clip_len: int, clip_seed: int) -> np.ndarray:
 
 
 class TrainClips(torch.utils.data.Dataset):
-    """``clips[(index, clip_seed)]`` -> ``(uint8 clip [clip_len, 64, 44], label)`` of a ``GaitDataset``."""
+    """``clips[(index, clip_seed[, frames_num])]`` -> ``(uint8 clip [frames_num, 64, 44], label)`` of a ``GaitDataset``.
 
-    def __init__(self, dataset, clip_len: int = 30):
+    ``frames``: the :class:`FrameSampler` (default: ``fixed_ordered`` windows of ``clip_len``).
+    """
+
+    def __init__(self, dataset, clip_len: int = 30, frames: Optional[FrameSampler] = None):
         if clip_len < 1:
             raise ValueError(f"clip_len must be >= 1, got {clip_len}")
         self.dataset = dataset
-        self.clip_len = clip_len
+        self.frames = frames or FrameSampler("fixed_ordered", frames_num_fixed=clip_len)
+        self.clip_len = self.frames.frames_num_fixed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[np.ndarray, int]:
-        index, clip_seed = item
-        return cut_frames(random_clip(self.dataset[index], self.clip_len, clip_seed)), int(self.dataset.labels[index])
+    def __getitem__(self, item: tuple) -> tuple[np.ndarray, int]:
+        index, clip_seed, *rest = item
+        clip = self.frames.clip(self.dataset[index], clip_seed, rest[0] if rest else None)
+        return cut_frames(clip), int(self.dataset.labels[index])
 
 
 def collate_clips(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,17 +74,21 @@ def collate_clips(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, to
 
 
 class TestSequences(torch.utils.data.Dataset):
-    """``sequences[i]`` -> ``(sils float32 [1, T, 64, 44], label, type, view)``: the whole sequence in order."""
+    """``sequences[i]`` -> ``(sils float32 [1, T, 64, 44], label, type, view)``: the whole sequence in order
+    (its first ``frames_all_limit`` frames when that is not -1)."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, frames_all_limit: int = -1):
+        limit_frames(np.zeros(1), frames_all_limit)  # validates
         self.dataset = dataset
+        self.frames_all_limit = frames_all_limit
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str, str]:
         d = self.dataset
-        return to_float(cut_frames(d[index]))[None], int(d.labels[index]), str(d.types[index]), str(d.views[index])
+        sils = limit_frames(d[index], self.frames_all_limit)
+        return to_float(cut_frames(sils))[None], int(d.labels[index]), str(d.types[index]), str(d.views[index])
 
 
 def default_workers() -> int:
@@ -112,18 +122,23 @@ def make_train_loader(
     seed: int = 0,
     start_iteration: int = 0,
     pin_memory: Optional[bool] = None,
+    frames: Optional[FrameSampler] = None,
 ) -> torch.utils.data.DataLoader:
-    """An infinite loader of ``(sils float32 [P*K/world_size, clip_len, 64, 44], labels int64)`` batches.
+    """An infinite loader of ``(sils float32 [P*K/world_size, frames_num, 64, 44], labels int64)`` batches.
 
     Batches come from :class:`TripletSampler` (``seed``, ``start_iteration``, ``rank``,
-    ``world_size`` as there). ``workers``: loader processes (0: load in this process; default
-    :func:`default_workers`). ``pin_memory``: default on when CUDA is available.
+    ``world_size`` as there); clips from ``frames`` (a :class:`~fastgait.data.frames.FrameSampler`;
+    default ``fixed_ordered`` windows of ``clip_len`` frames). ``workers``: loader processes (0:
+    load in this process; default :func:`default_workers`). ``pin_memory``: default on when CUDA
+    is available.
     """
+    frames = frames or FrameSampler("fixed_ordered", frames_num_fixed=clip_len)
     sampler = TripletSampler(
         dataset.labels, P, K, rank=rank, world_size=world_size, seed=seed, start_iteration=start_iteration
     )
+    sampler = FrameBatchSampler(sampler, frames, seed=seed, start_iteration=start_iteration)
     return torch.utils.data.DataLoader(
-        TrainClips(dataset, clip_len),
+        TrainClips(dataset, frames=frames),
         batch_sampler=sampler,
         collate_fn=collate_clips,
         **_loader_options(workers, pin_memory),
@@ -131,9 +146,10 @@ def make_train_loader(
 
 
 def make_test_loader(
-    dataset, workers: Optional[int] = None, pin_memory: Optional[bool] = None
+    dataset, workers: Optional[int] = None, pin_memory: Optional[bool] = None, frames_all_limit: int = -1
 ) -> torch.utils.data.DataLoader:
-    """One item per sequence, in dataset order: ``(sils float32 [1, T, 64, 44], label, type, view)``."""
+    """One item per sequence, in dataset order: ``(sils float32 [1, T, 64, 44], label, type, view)``;
+    ``frames_all_limit``: keep only the first that many frames (-1: all)."""
     return torch.utils.data.DataLoader(
-        TestSequences(dataset), batch_size=None, shuffle=False, **_loader_options(workers, pin_memory)
+        TestSequences(dataset, frames_all_limit), batch_size=None, shuffle=False, **_loader_options(workers, pin_memory)
     )

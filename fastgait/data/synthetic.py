@@ -1,6 +1,6 @@
 """Synthetic gait: the embedded default dataset (data.md §5).
 
-    python -m fastgait.data.synthetic OUT --preset casia-b|oumvlp|small --seed S
+    python -m fastgait.data.synthetic OUT --preset casia-b|oumvlp|small|real-scene --seed S
 
 Each subject is a body of capsules, ellipsoids and boxes with its own proportions, thickness
 and walking style (cadence, stride, joint-curve amplitudes and phases, lean, arm swing and
@@ -12,7 +12,10 @@ subject carries the same bag in bg-01 and bg-02. Identity therefore lives in bod
 gait, and survives a change of view only as far as a model can see past it.
 
 Output: ``OUT/<sid>/<type>/<view>/<view>.pkl`` (plain pickled uint8 ``[T, 64, 64]``),
-``OUT/partition.json`` and ``OUT/meta.json`` (written last: its presence marks a finished set).
+``OUT/partition.json`` (with a ``PROBE_SET`` for the real-scene preset) and ``OUT/meta.json``
+(written last: its presence marks a finished set). The generator refuses a non-empty folder that
+is not a set of the same preset and seed (``.fastgait-synthetic.json``, written first, marks an
+unfinished one).
 Every sequence is drawn from ``numpy.random.default_rng`` seeded with the dataset seed and its
 (subject, type, view), so a set is the same bytes whatever the number of workers.
 """
@@ -49,6 +52,9 @@ class Preset:
     TEST_SET (with ``test_types``). A sequence is ``ceil(min_cycles * cycle) + U{0..extra_frames}``
     frames long (a gait cycle is 24-32 frames). ``missing`` is the fraction of test sequences
     left out, as OU-MVLP lacks some (it makes the "invalid probe" case real).
+    ``probes_per_subject``: real-scene style; that many sequences of each test subject (drawn from
+    the seed) are the probes, listed as ``<id>-<type>-<view>`` keys in the partition's ``PROBE_SET``
+    (as Gait3D's JSON), and the rest are the gallery (protocol ``gait3d``).
     """
 
     subjects: int
@@ -60,6 +66,7 @@ class Preset:
     extra_frames: int = 8
     missing: float = 0.0
     subject_digits: int = 3
+    probes_per_subject: int = 0  # > 0: partition.json gets a PROBE_SET (Gait3D-style keys) of that many per test subject
 
 
 PRESETS = {
@@ -76,6 +83,12 @@ PRESETS = {
         ("nm-01", "nm-02", "nm-03", "nm-04", "bg-01", "cl-01"),
         ("nm-01", "nm-02", "nm-03", "nm-04", "nm-05", "nm-06", "bg-01", "cl-01"),
         min_cycles=1.4, extra_frames=4,
+    ),
+    # Real-scene style (Gait3D/GREW-like): many subjects, one sequence type, few views; one
+    # sequence of each test subject is its probe, the rest the gallery (protocol gait3d).
+    "real-scene": Preset(
+        300, 200, ("000", "045", "090", "135"), ("00",), ("00",), min_cycles=1.2, extra_frames=6,
+        probes_per_subject=1,
     ),
 }
 
@@ -636,8 +649,10 @@ def generate(
 
     ``overrides`` replace fields of the preset (e.g. ``subjects=6, train_subjects=3`` for tests).
     ``workers``: processes (default: one per CPU; 1 renders in this process). A finished set
-    (``meta.json`` matching preset and seed) is reused as is; an unfinished one is completed
-    (subjects whose files all exist are skipped). Same seed and preset: the same bytes.
+    (``meta.json`` matching preset and seed) is reused as is; an unfinished one (its marker
+    ``.fastgait-synthetic.json`` matching) is completed (subjects whose files all exist are
+    skipped). Any other non-empty folder is refused: the generator never writes into a user's
+    dataset. Same seed and preset: the same bytes.
     """
     import multiprocessing
 
@@ -645,21 +660,65 @@ def generate(
     resolved = resolve_preset(preset, **overrides)
     meta = {"generator": GENERATOR_VERSION, "seed": seed, "preset": preset if isinstance(preset, str) else "custom"}
     meta["config"] = json.loads(json.dumps(asdict(resolved)))
+    if not resolved.probes_per_subject:  # keep the meta of sets generated before this field existed
+        del meta["config"]["probes_per_subject"]
     meta_path = out / "meta.json"
+    _check_target(out, meta)
     if meta_path.exists():
-        existing = json.loads(meta_path.read_text())
-        if existing == meta:
-            return out
-        raise FileExistsError(f"{out} holds another synthetic set ({meta_path}); remove it or choose another folder")
+        return out
+    atomic_write_bytes(out / MARKER, (json.dumps(meta, indent=1) + "\n").encode())
     ids = [_subject_id(resolved, i) for i in range(resolved.subjects)]
     todo = [i for i in range(resolved.subjects) if not _subject_done(out / ids[i], resolved, seed, i)]
     workers = workers or multiprocessing.cpu_count()
     jobs = [(resolved, seed, i, str(out)) for i in todo]
     for _ in parallel_map(_write_subject, jobs, workers, desc=f"synthetic {meta['preset']}", unit="subject", progress=progress):
         pass
-    write_partition(out / "partition.json", ids[: resolved.train_subjects], ids[resolved.train_subjects :])
+    write_partition(out / "partition.json", ids[: resolved.train_subjects], ids[resolved.train_subjects :],
+                    probe_keys(resolved, seed, ids))
     atomic_write_bytes(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     return out
+
+
+def probe_keys(preset: Preset, seed: int, ids: list[str]) -> Optional[list[str]]:
+    """The ``PROBE_SET`` of a real-scene preset: ``probes_per_subject`` sequences of each test subject."""
+    if not preset.probes_per_subject:
+        return None
+    keys = []
+    for i in range(preset.train_subjects, preset.subjects):
+        sequences = subject_sequences(preset, seed, i)
+        if len(sequences) <= preset.probes_per_subject:
+            continue  # keep a gallery sequence for every subject that has probes
+        chosen = _rng(seed, 3, i).choice(len(sequences), preset.probes_per_subject, replace=False)
+        keys += [f"{ids[i]}-{sequences[j][0]}-{sequences[j][1]}" for j in sorted(chosen)]
+    return keys
+
+
+MARKER = ".fastgait-synthetic.json"  # written first: an unfinished set is recognised as ours
+
+
+def _check_target(out: Path, meta: dict) -> None:
+    """Refuse a folder that holds anything but a finished or unfinished synthetic set of ``meta``."""
+    meta_path, marker = out / "meta.json", out / MARKER
+    if meta_path.exists():
+        existing = json.loads(meta_path.read_text())
+        if existing != meta:
+            raise FileExistsError(
+                f"{out} holds another synthetic set ({meta_path}: preset {existing.get('preset')!r}, seed "
+                f"{existing.get('seed')}); remove it or choose another folder"
+            )
+        return
+    if marker.exists():
+        if json.loads(marker.read_text()) != meta:
+            raise FileExistsError(
+                f"{out} holds an unfinished synthetic set of another preset or seed ({marker}); remove it or choose "
+                "another folder"
+            )
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(
+            f"{out} is not empty and is not a synthetic set of this preset and seed: the generator writes only into "
+            "an empty or new folder (it would mix its subjects and partition.json with what is there); choose another"
+        )
 
 
 def _subject_done(folder: Path, preset: Preset, seed: int, subject_index: int) -> bool:

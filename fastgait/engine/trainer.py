@@ -25,7 +25,7 @@ from ..nn import CrossEntropyLoss, TripletLoss
 from ..ops.masks import set_batch_shard
 from . import checkpoint as ckpt
 from . import distributed
-from .evaluation import evaluate_model, report_results
+from .evaluation import eval_options, evaluate_model, report_results
 from .signals import protect_workers
 
 KEEP_CHECKPOINTS = 3
@@ -210,7 +210,7 @@ class Trainer:
         self.data_root, self.partition = self._prepare_data()
         self.train_set = gait_data.GaitDataset(
             self.data_root, self.partition, "train", cache=config["data"]["cache"],
-            on_error=config["data"]["on_error"], progress=self.progress,
+            on_error=config["data"]["on_error"], progress=self.progress, in_use=config["data"]["in_use"],
         )
         if train_cfg["P"] > self.train_set.num_ids:
             raise ConfigError(f"train.P={train_cfg['P']} identities per batch, but the training split has only "
@@ -277,7 +277,7 @@ class Trainer:
             warnings.simplefilter("ignore")
             # on_error="skip" reads every file now, recording the unreadable ones instead of raising.
             test_set = gait_data.GaitDataset(self.data_root, self.partition, "test", cache=False,
-                                             on_error="skip", progress=False)
+                                             on_error="skip", progress=False, in_use=data_cfg["in_use"])
         if test_set.num_skipped and on_error == "raise":
             path, problem = test_set.skipped[0]
             more = f" (and {test_set.num_skipped - 1} more)" if test_set.num_skipped > 1 else ""
@@ -286,7 +286,7 @@ class Trainer:
         if test_set.num_skipped:
             self._say(f"warning: test split: {test_set.num_skipped} unreadable sequence files left out "
                       f"(data.on_error=skip), e.g. {test_set.skipped[0][0]}")
-        _check_protocol(test_set, data_cfg["protocol"])
+        _check_protocol(test_set, data_cfg["protocol"], eval_options(self.config)["probe"])
         self._test_set = test_set
 
     # --- setup ---------------------------------------------------------------------------
@@ -299,8 +299,6 @@ class Trainer:
             if not data_cfg["root"]:
                 synthetic = data_cfg["synthetic"]
                 ensure_synthetic(root, synthetic["preset"], synthetic["seed"], progress=self.progress)
-            if partition is not None and data_cfg["partition"] is None and not partition.exists():
-                gait_data.write_casia_b_partition(root, data_cfg["split"].upper(), partition)
         distributed.barrier(self.dist)
         return root, partition
 
@@ -469,7 +467,8 @@ class Trainer:
             # the whole process group only sets a flag in a worker instead of killing it).
             stop.install()
             loader = gait_data.make_train_loader(
-                self.train_set, cfg["P"], cfg["K"], clip_len=cfg["clip_len"], workers=self.config["data"]["workers"],
+                self.train_set, cfg["P"], cfg["K"], frames=gait_data.FrameSampler.from_config(cfg),
+                workers=self.config["data"]["workers"],
                 rank=self.dist.rank, world_size=self.dist.world_size, seed=cfg["seed"], start_iteration=self.iteration)
             # Loader workers ignore SIGINT/SIGTERM (torchrun and Slurm signal the whole process
             # group): the main process decides when to stop, and the workers end with it.
@@ -587,16 +586,18 @@ class Trainer:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     test_set = gait_data.GaitDataset(self.data_root, self.partition, "test", cache=False,
-                                                     on_error=self.config["data"]["on_error"], progress=False)
-                _check_protocol(test_set, self.config["data"]["protocol"])
+                                                     on_error=self.config["data"]["on_error"], progress=False,
+                                                     in_use=self.config["data"]["in_use"])
+                _check_protocol(test_set, self.config["data"]["protocol"], eval_options(self.config)["probe"])
                 self._test_set = test_set
             result = evaluate_model(self.model, test_set, protocol=self.config["data"]["protocol"],
                                     metric=self.config["eval"]["metric"], device=self.device,
                                     autocast=self.autocast, workers=self.config["eval"]["workers"],
-                                    progress=self.progress)
+                                    progress=self.progress, frames_all_limit=self.config["eval"]["frames_all_limit"],
+                                    **eval_options(self.config))
             if self.config["eval"]["baseline"] and self._baseline is None:
                 self._baseline = gait_energy_baseline(test_set, None, self.config["data"]["protocol"],
-                                                      self.config["eval"]["metric"])
+                                                      self.config["eval"]["metric"], **eval_options(self.config))
             report_results(result, self._baseline, self.output / "eval", tag=tag, printer=self._say)
         distributed.barrier(self.dist)
         return result
@@ -609,11 +610,11 @@ class Trainer:
         distributed.cleanup()
 
 
-def gait_energy_baseline(data, partition: Optional[Path], protocol: str, metric: str) -> dict:
+def gait_energy_baseline(data, partition: Optional[Path], protocol: str, metric: str, **options) -> dict:
     """The GEI baseline on ``data`` (a test ``GaitDataset``, or a dataset root with ``partition``)."""
     from ..evaluation import gei_baseline
 
-    return gei_baseline(data, partition, protocol=protocol, metric=metric)
+    return gei_baseline(data, partition, protocol=protocol, metric=metric, **options)
 
 
 # --- synthetic default data ----------------------------------------------------------------
@@ -621,8 +622,9 @@ def gait_energy_baseline(data, partition: Optional[Path], protocol: str, metric:
 
 def data_paths(data_cfg: dict) -> tuple[Path, Optional[Path]]:
     """``(root, partition)`` a data config names: ``data.root`` or the synthetic set's cache folder;
-    ``data.partition``, else the CASIA-B split file ``ROOT/partition_<SPLIT>.json``, else None
-    (the dataset then reads ``ROOT/partition.json``)."""
+    ``data.partition``, else the CASIA-B split ``data.split`` of the root's subjects (a
+    ``CasiaBSplit``, made when the dataset is read: nothing is written into the dataset folder),
+    else None (the dataset then reads ``ROOT/partition.json``)."""
     if data_cfg["root"]:
         root = Path(data_cfg["root"]).expanduser()
     else:
@@ -630,7 +632,7 @@ def data_paths(data_cfg: dict) -> tuple[Path, Optional[Path]]:
     if data_cfg["partition"]:
         return root, Path(data_cfg["partition"]).expanduser()
     if data_cfg["split"]:
-        return root, root / f"partition_{data_cfg['split'].upper()}.json"
+        return root, gait_data.CasiaBSplit(str(data_cfg["split"]).upper())
     return root, None
 
 
@@ -775,26 +777,16 @@ def _grad_norm(parameters) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
-def _check_protocol(test_set, protocol: str) -> None:
+def _check_protocol(test_set, protocol: str, probe=None) -> None:
     """The test split has gallery and probe sequences under ``protocol`` (before training, not after)."""
-    from ..evaluation import protocols
+    from ..evaluation.protocols import check_protocol
 
-    if protocol == "auto":
-        protocol = protocols.detect_protocol(test_set.types)
-    if protocol not in protocols.PROTOCOLS:
-        raise InputError(f"data.protocol must be one of {', '.join(protocols.PROTOCOLS)} or auto, got {protocol!r}")
-    probe_sets = getattr(protocols, "_probe_sets", None)
-    if probe_sets is None:  # pragma: no cover - the evaluation checks at the end instead
-        return
-    gallery, probes = probe_sets(np.asarray(test_set.types, dtype=str), protocol)
-    types = sorted(set(np.asarray(test_set.types).tolist()))
-    if not np.any(gallery):
-        raise InputError(f"the test split of {test_set.root} has no gallery sequence for data.protocol={protocol} "
-                         f"(its sequence types: {', '.join(types[:12])}); set data.protocol to match the dataset, "
-                         "or fix the partition's TEST_SET")
-    if not any(np.any(mask) for mask in probes.values()):
-        raise InputError(f"the test split of {test_set.root} has no probe sequence for data.protocol={protocol} "
-                         f"(its sequence types: {', '.join(types[:12])}); set data.protocol to match the dataset")
+    try:
+        check_protocol(test_set.subject_ids, test_set.types, test_set.views, protocol,
+                       probe if probe is not None else getattr(test_set, "probe_set", None))
+    except ValueError as error:
+        raise InputError(f"data.protocol={protocol} does not fit the test split of {test_set.root}: {error}; set "
+                         "data.protocol to match the dataset, or fix the partition's TEST_SET") from None
 
 
 class _StopRequest:

@@ -1,7 +1,9 @@
-"""Rank-1 results as the papers print them: Markdown and CSV tables, a heatmap PNG, JSON.
+"""Results as the papers print them: Markdown and CSV tables, a heatmap PNG, JSON.
 
-The main table has one row per condition (NM, BG, CL) and one column per probe view (the mean
-over the other gallery views) plus the mean; the matrices give probe view x gallery view.
+Indoor (CASIA-B, OU-MVLP): the main table has one row per condition (NM, BG, CL) and one
+column per probe view (the mean over the other gallery views) plus the mean; the matrices give
+probe view x gallery view. Real scene (GREW, Gait3D, ...): one row per result, columns rank-1,
+rank-5, rank-10, rank-20, mAP, mINP, and the probe counts.
 """
 from __future__ import annotations
 
@@ -13,13 +15,37 @@ from typing import Optional
 import numpy as np
 
 from ..data.io import PathLike, atomic_write_bytes
+from .protocols import REAL_SCENE_KEYS, is_real_scene
 
 
 def _fmt(value: float, digits: int, missing: str = "-") -> str:
     return missing if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+def real_scene_rows(result: dict) -> Optional[dict]:
+    """``{row name: real-scene result}`` when ``result`` is one real-scene result (named by its
+    protocol) or a dict of them; ``None`` for indoor results."""
+    if is_real_scene(result):
+        return {result.get("protocol", "result"): result}
+    if result and all(isinstance(v, dict) and is_real_scene(v) for v in result.values()):
+        return result
+    return None
+
+
+def _real_scene_table(rows: dict, digits: int, missing: str = "-") -> tuple[list[str], list[list[str]]]:
+    header = ["", *REAL_SCENE_KEYS, "probes", "without gallery", "gallery"]
+    body = [
+        [name, *(_fmt(r[k], digits, missing) for k in REAL_SCENE_KEYS),
+         str(r.get("probes", "")), str(r.get("probes_without_gallery", "")), str(r.get("gallery", ""))]
+        for name, r in rows.items()
+    ]
+    return header, body
+
+
 def _rows(result: dict, digits: int, missing: str = "-") -> tuple[list[str], list[list[str]]]:
+    scene = real_scene_rows(result)
+    if scene is not None:
+        return _real_scene_table(scene, digits, missing)
     views = next(iter(result.values()))["views"]
     header = ["condition", *views, "mean"]
     rows = [
@@ -36,13 +62,16 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def to_markdown(result: dict, digits: int = 1) -> str:
-    """The papers' table: rows NM/BG/CL, columns the probe views and the mean (rank-1 %, identical views excluded)."""
+    """The papers' table: rows NM/BG/CL, columns the probe views and the mean (rank-1 %, identical views
+    excluded); for real-scene results, rank-1/5/10/20, mAP and mINP (%)."""
     return _markdown_table(*_rows(result, digits))
 
 
 def matrix_markdown(result: dict, condition: str, digits: int = 1) -> str:
     """Probe view (rows) x gallery view (columns) rank-1 % of one condition."""
     r = result[condition]
+    if r.get("matrix") is None:  # cross-view gallery: no view pairs
+        return ""
     header = [f"{condition} probe \\ gallery", *r["views"]]
     rows = [[view, *(_fmt(v, digits) for v in row)] for view, row in zip(r["views"], r["matrix"])]
     return _markdown_table(header, rows)
@@ -55,7 +84,10 @@ def to_csv(result: dict, digits: int = 2) -> str:
 
 
 def summary(result: dict, digits: int = 1) -> str:
-    """One line: ``NM 95.1 | BG 89.0 | CL 71.3`` (condition means, rank-1 %)."""
+    """One line: ``NM 95.1 | BG 89.0 | CL 71.3`` (condition means, rank-1 %), or
+    ``rank-1 61.2 | rank-5 80.1 | mAP 50.3 | mINP 30.2`` for a real-scene result."""
+    if is_real_scene(result):
+        return " | ".join(f"{k} {_fmt(result[k], digits)}" for k in ("rank-1", "rank-5", "mAP", "mINP"))
     return " | ".join(f"{name} {_fmt(r['mean'], digits)}" for name, r in result.items())
 
 
@@ -111,13 +143,33 @@ def save_heatmap(result: dict, path: PathLike, title: Optional[str] = None) -> P
 
 
 def write_report(result: dict, out_dir: PathLike, stem: str = "rank1", title: Optional[str] = None) -> dict[str, Path]:
-    """Write ``<stem>.md`` (table and matrices), ``<stem>.csv``, ``<stem>.json`` and ``<stem>.png`` to ``out_dir``."""
+    """Write ``<stem>.md`` (table and matrices), ``<stem>.csv``, ``<stem>.json`` and, for indoor
+    results with view matrices, ``<stem>.png`` to ``out_dir``."""
     out_dir = Path(out_dir)
     heading = f"# {title}\n\n" if title else ""
-    markdown = heading + to_markdown(result) + "\n\n" + "\n\n".join(matrix_markdown(result, c) for c in result) + "\n"
-    paths = {kind: out_dir / f"{stem}.{kind}" for kind in ("md", "csv", "json", "png")}
+    scene = real_scene_rows(result)
+    matrices = [] if scene is not None else [m for m in (matrix_markdown(result, c) for c in result) if m]
+    notes = _notes(result)
+    markdown = heading + to_markdown(result) + "\n" + "".join("\n" + block + "\n" for block in matrices + notes)
+    kinds = ("md", "csv", "json") + (("png",) if scene is None and matrices else ())
+    paths = {kind: out_dir / f"{stem}.{kind}" for kind in kinds}
     atomic_write_bytes(paths["md"], markdown.encode())
     atomic_write_bytes(paths["csv"], to_csv(result).encode())
     atomic_write_bytes(paths["json"], (json.dumps(to_json(result), indent=1) + "\n").encode())
-    save_heatmap(result, paths["png"], title)
+    if "png" in paths:
+        save_heatmap({c: r for c, r in result.items() if r.get("matrix") is not None}, paths["png"], title)
     return paths
+
+
+def _notes(result: dict) -> list[str]:
+    """Lines on probes that could not be matched (no sequence of their subject in the gallery)."""
+    scene = real_scene_rows(result)
+    items = scene.items() if scene is not None else result.items()
+    notes = []
+    for name, r in items:
+        count = r.get("probes_without_gallery", 0) if isinstance(r, dict) else 0
+        if count:
+            what = "probes" if scene is not None or r.get("gallery") == "cross-view" else "(probe, gallery view) pairs"
+            how = "left out of the means" if scene is not None else "counted as misses"
+            notes.append(f"{name}: {count} {what} without a sequence of their subject in the gallery ({how}).")
+    return notes

@@ -23,12 +23,11 @@ import torch
 from .._nvtx import nvtx_range
 from . import _alloc
 from ._checks import check_tensor
-from ._dispatch import resolve_impl
+from ._dispatch import gpu_choices, resolve_impl
 from .reference import gem_hpp_reference, strip_bounds
 
 OP = "gem_hpp"
 MAX_FRAMES = torch.iinfo(torch.int16).max  # the argmax frame is saved as int16
-TILE_ELEMENTS = 4096  # elements of one [frames, channels, columns] row tile
 
 
 def gem_hpp(
@@ -120,19 +119,47 @@ def _strip_tables(bins: tuple[int, ...], height: int, device: torch.device) -> t
     return strip_rows.to(device), row_strip.to(device)
 
 
-def _blocks(c: int, t: int, h: int, w: int) -> tuple[dict, int]:
-    import triton
+def _pow2(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
 
-    block_t = min(triton.next_power_of_2(t), 16)
-    block_w = triton.next_power_of_2(w)
-    block_h = triton.next_power_of_2(h)
-    budget = max(1, TILE_ELEMENTS // max(block_t * block_w, block_h))
-    block_c = max(1, min(triton.next_power_of_2(c), budget))
-    return dict(BLOCK_T=block_t, BLOCK_C=block_c, BLOCK_W=block_w), block_h
+
+def _tile(c: int, t: int, w: int, itemsize: int, device: torch.device) -> dict:
+    """Block sizes and warps of the row kernels (the same on every device; see kernels/gem.py).
+
+    ``BLOCK_C``: up to 128 channels (the contiguous dim in channels-last-3d: 8 bf16 per thread).
+    ``BLOCK_W``: the largest power of two that pads the row by at most ~10% (w = 22 -> 8: 24
+    columns, w = 11 -> 4: 12), within a tile of at most 2048 elements (4096 bytes for fp16/bf16,
+    8192 for fp32: no spills for any dtype). ``UNROLL_T``: frames per step, a divisor of t when one
+    of 5, 4, 2 is (t = 10 -> 5), so the tail frames are rarely masked.
+    """
+    block_c = min(_pow2(c), 128)
+    block_w = 1
+    for candidate in (2, 4, 8, 16, 32):
+        if candidate * block_c > 2048 or candidate > _pow2(w):
+            break
+        padded = -(-w // candidate) * candidate
+        if padded <= 1.1 * w:
+            block_w = candidate
+    unroll = next((u for u in (5, 4, 2) if t % u == 0), min(t, 4))
+    warps = 4 if block_w * block_c >= 512 else (2 if block_w * block_c >= 128 else 1)
+    if gpu_choices(device) and itemsize >= 4 and block_w * block_c >= 1024:
+        warps = 8  # fp32: keep 8 elements (two 16-byte loads) per thread per frame
+    return dict(BLOCK_W=block_w, BLOCK_C=block_c, UNROLL_T=max(unroll, 1), num_warps=warps)
 
 
 def _as_5d(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 5 else t.unsqueeze(2)
+
+
+def _check_sample_extent(**tensors: torch.Tensor) -> None:
+    """The kernels index one sample with int32 offsets (the sample base is int64): check it fits."""
+    for name, t in tensors.items():
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+        if extent >= 2**31:
+            raise ValueError(
+                f"{OP}: one sample of {name} spans {extent} elements (shape {tuple(t.shape)}); impl='triton' "
+                "needs fewer than 2**31. Use impl='reference'."
+            )
 
 
 @torch.library.custom_op("fastgait::gem_hpp_fwd", mutates_args=())
@@ -141,29 +168,40 @@ def gem_hpp_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward: ``(out fp32 [n, c, S], frame_max [n, c, h, w], frame_arg int16 [n, c, h, w])``.
 
-    ``frame_max``/``frame_arg`` are empty unless ``x`` is 5-D and ``keep_frame_max``.
+    ``frame_max``/``frame_arg`` are empty unless ``x`` is 5-D and ``keep_frame_max``. A ``p``
+    outside ``(0, inf)`` gives an all-NaN ``out`` (checked on the device, no host sync).
+    Launches ``gem_rows_fwd_kernel`` and, unless ``bins == [h]``, ``gem_strips_kernel``.
     """
     import triton
 
-    from fastgait.kernels.gem import gem_hpp_fwd_kernel
+    from fastgait.kernels.gem import gem_rows_fwd_kernel, gem_strips_kernel
 
     with nvtx_range("gem_hpp.forward"):
         out, frame_max, frame_arg = _forward_outputs(x, bins, keep_frame_max)
         x5 = _as_5d(x)
         n, c, t, h, w = x5.shape
-        strip_rows, _ = _strip_tables(tuple(bins), h, x.device)
+        _check_sample_extent(x=x5)
         save = frame_arg.numel() > 0
-        blocks, block_h = _blocks(c, t, h, w)
-        grid = (n * triton.cdiv(c, blocks["BLOCK_C"]),)
-        gem_hpp_fwd_kernel[grid](
-            x5, p, strip_rows, out,
+        row_strips = list(bins) == [h]
+        tile = _tile(c, t, w, x.element_size(), x.device)
+        grid = (n * h, triton.cdiv(c, tile["BLOCK_C"]))
+        stats = out if row_strips else _alloc.empty(2, n * h, c, dtype=torch.float32, device=x.device)
+        gem_rows_fwd_kernel[grid](
+            x5, p, out, stats,
             frame_max if save else out, frame_arg if save else out,
-            c, t, h, w, strip_rows.shape[1],
+            c, t, h, w,
             *x5.stride(),
             *(frame_max.stride() if save else (0, 0, 0, 0)),
             eps,
-            SAVE_FRAME_MAX=save, BLOCK_H=block_h, **blocks,
+            ROW_STRIPS=row_strips, SAVE_FRAME_MAX=save, **tile,
         )  # fmt: skip
+        if not row_strips:
+            strip_rows, _ = _strip_tables(tuple(bins), h, x.device)
+            s = strip_rows.shape[1]
+            block_c = min(_pow2(c), 256)
+            gem_strips_kernel[(n * s, triton.cdiv(c, block_c))](
+                stats, p, strip_rows, out, c, h, w, s, BLOCK_C=block_c, num_warps=max(1, min(4, block_c // 64))
+            )
     return out, frame_max, frame_arg
 
 
@@ -188,18 +226,19 @@ def gem_hpp_bwd(
     the input itself); ``x_order`` is the input's layout, which ``grad_x`` copies."""
     import triton
 
-    from fastgait.kernels.gem import gem_hpp_bwd_kernel
+    from fastgait.kernels.gem import gem_rows_bwd_kernel
 
     with nvtx_range("gem_hpp.backward"):
         grad_x, grad_p = _backward_outputs(frame_max, p, frames, x_order)
         n, c, h, w = frame_max.shape
         t = max(frames, 1)
         strip_rows, row_strip = _strip_tables(tuple(bins), h, frame_max.device)
-        blocks, _ = _blocks(c, t, h, w)
-        grid = (n * triton.cdiv(c, blocks["BLOCK_C"]),)
-        partials = _alloc.empty(grid[0], dtype=torch.float32, device=frame_max.device)
+        tile = _tile(c, t, w, frame_max.element_size(), frame_max.device)
+        grid = (n * h, triton.cdiv(c, tile["BLOCK_C"]))
+        _check_sample_extent(grad_x=_as_5d(grad_x))
+        partials = _alloc.empty(grid[0] * grid[1], dtype=torch.float32, device=frame_max.device)
         has_frames = frames > 0
-        gem_hpp_bwd_kernel[grid](
+        gem_rows_bwd_kernel[grid](
             grad_out, out, p, frame_max, frame_arg if has_frames else frame_max,
             strip_rows, row_strip, grad_x, partials,
             c, t, h, w, strip_rows.shape[1], len(bins),
@@ -208,9 +247,9 @@ def gem_hpp_bwd(
             *(frame_arg.stride() if has_frames else (0, 0, 0, 0)),
             *_as_5d(grad_x).stride(),
             eps,
-            HAS_FRAMES=has_frames, **blocks,
+            HAS_FRAMES=has_frames, **tile,
         )  # fmt: skip
-        grad_p.copy_(partials.sum().reshape(p.shape))
+        grad_p.copy_(partials.sum().reshape(p.shape))  # a fixed-order reduction: deterministic
     return grad_x, grad_p
 
 

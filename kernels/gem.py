@@ -300,6 +300,7 @@ def gem_rows_bwd_kernel(
         x_max = x_max.to(tl.float32)  # [BLOCK_W, BLOCK_C]
         y = _clamp_eps(x_max, eps)
         grad_y = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
+        grad_p_here = tl.zeros((BLOCK_W, BLOCK_C), tl.float32)
         for b in range(NUM_BINS):
             s = tl.load(row_strip_ptr + b * H + h)
             count = (tl.load(strip_rows_ptr + S + s) - tl.load(strip_rows_ptr + s)) * W
@@ -310,8 +311,8 @@ def gem_rows_bwd_kernel(
             log2_u = tl.log2(u)
             u_pow_m1 = tl.exp2((p - 1.0) * log2_u)  # u^(p-1)
             grad_y += grad_s[None, :] * u_pow_m1
-            grad_p_acc += (grad_s * out_s)[None, :] * (u_pow_m1 * u * log2_u)
-        grad_p_acc = tl.where(mask, grad_p_acc, 0.0)
+            grad_p_here += (grad_s * out_s)[None, :] * (u_pow_m1 * u * log2_u)
+        grad_p_acc += tl.where(mask, grad_p_here, 0.0)
         grad_y = tl.where(x_max >= eps, grad_y, 0.0)  # the clamp's gradient (0 for NaN, as torch)
         offs = cols[:, None] * stride_dw + offs_c[None, :] * stride_dc  # [BLOCK_W, BLOCK_C] int32
         if HAS_FRAMES:

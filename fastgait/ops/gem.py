@@ -15,6 +15,7 @@ through them; the output is computed in fp32 and cast to the input's dtype.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from typing import Sequence
 
@@ -38,9 +39,16 @@ def gem_hpp(
     A 5-D input is max-pooled over frames first (the gradient goes to the first maximal frame).
     ``p`` is a one-element tensor (learnable); strip i of ``b`` covers rows ``[i*h//b, (i+1)*h//b)``.
     Any memory format is read through its strides (no copy). The Triton path computes in fp32
-    and returns the input's dtype; it assumes ``p > 0`` (GeM's domain).
+    and returns the input's dtype.
+
+    ``p`` must be finite and ``> 0`` (GeM's domain; it is learnable, so it can leave it). On CPU
+    tensors that is checked here (a ValueError). On a GPU reading ``p`` would make the host wait
+    for the device every step, so it is not read: every path (reference and Triton) returns NaN
+    for the whole output instead, which the trainer's non-finite guard sees. NaN or inf in ``x``
+    propagate as in the reference.
     """
     bins = _check_inputs(x, p, bins, eps)
+    _check_p_domain(p)
     path = resolve_impl(impl, x.device, op=OP, has_torch=False, has_triton=True)
     if impl == "auto" and x.dtype == torch.float64:
         path = "reference"  # the kernels compute in fp32
@@ -51,6 +59,20 @@ def gem_hpp(
     keep_frame_max = torch.is_grad_enabled() and (x.requires_grad or p.requires_grad)
     out, _, _ = gem_hpp_fwd(x, p, list(bins), float(eps), keep_frame_max)
     return out.to(x.dtype)
+
+
+def _tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _check_p_domain(p: torch.Tensor) -> None:
+    """``0 < p < inf``, where it costs no device sync: CPU tensors outside torch.compile tracing."""
+    if p.device.type != "cpu" or _tracing() or isinstance(p, torch._subclasses.FakeTensor):
+        return
+    value = float(p.detach().reshape(()))
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{OP}: p must be finite and > 0 (GeM's exponent), got p={value}; re-initialise it (e.g. 6.5)")
 
 
 def _check_inputs(x, p, bins, eps) -> tuple[int, ...]:

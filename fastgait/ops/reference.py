@@ -104,7 +104,9 @@ def gem_hpp_reference(x: torch.Tensor, p: torch.Tensor, bins: Sequence[int] = (6
     """GeM-HPP: ``x`` ``[n, c, h, w]`` (or ``[n, c, t, h, w]``: temporal max first) -> ``[n, c, sum(bins)]``.
 
     For each strip: ``(mean over its rows and columns of clamp(x, eps)^p)^(1/p)``; ``p`` is a
-    learnable tensor (one element).
+    learnable tensor (one element). GeM's domain is ``0 < p < inf``: outside it (``p <= 0``, NaN or
+    inf, where the formula is no longer a generalised mean) every output is NaN, decided on the
+    device (no host sync), so a diverged exponent shows up as a non-finite loss.
     """
     if x.dim() == 5:
         x = temporal_max(x)
@@ -114,7 +116,9 @@ def gem_hpp_reference(x: torch.Tensor, p: torch.Tensor, bins: Sequence[int] = (6
         for strip_count in bins
         for lo, hi in strip_bounds(x.shape[2], strip_count)
     ]
-    return torch.stack(strips, dim=-1).pow(1.0 / p)
+    out = torch.stack(strips, dim=-1).pow(1.0 / p)
+    p_valid = (p > 0) & torch.isfinite(p)
+    return torch.where(p_valid.reshape(()), out, torch.full_like(out, float("nan")))
 
 
 # ----------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def triplet_loss_reference(
     For each part: ``L[i, j, k] = relu(D[i, j] - D[i, k] + margin)`` over anchors i, positives j
     (same label, i itself included) and negatives k; the part loss is
     ``sum(L) / (count(L > 0) + 1e-9)`` (0 with no active triplet); the loss is the mean over
-    parts. The hinge terms are built as ``[p, n, K, n - K]`` (padded where the number of
+    parts. A NaN distance in any triplet makes its part's loss NaN (it is not "inactive"). The hinge terms are built as ``[p, n, K, n - K]`` (padded where the number of
     positives differs between anchors), which is what the fused op avoids.
 
     Returns ``(loss, info)``; ``info`` holds detached scalars: ``loss``, ``active_triplets``
@@ -179,10 +179,13 @@ def triplet_loss_reference(
     anchor_neg = dist.gather(2, neg_index.expand(parts, -1, -1))  # [p, n, N]
 
     hinge = F.relu(anchor_pos.unsqueeze(3) - anchor_neg.unsqueeze(2) + margin)  # [p, n, K, N]
-    hinge = hinge * (pos_valid.unsqueeze(2) & neg_valid.unsqueeze(1))
+    valid = pos_valid.unsqueeze(2) & neg_valid.unsqueeze(1)  # padded slots are no triplets
+    hinge = torch.where(valid, hinge, torch.zeros_like(hinge))  # (where, not *: a padded NaN must not count)
     hinge_sum = hinge.sum(dim=(1, 2, 3))  # [p]
     active = (hinge > 0).sum(dim=(1, 2, 3)).float()  # [p]
-    part_loss = torch.where(active > 0, hinge_sum / (active + 1e-9), torch.zeros_like(hinge_sum))
+    # Without an active triplet the hinge sum is 0, or NaN when a triplet's distance is NaN: the
+    # part loss is that sum (0 or NaN), never a 0 that hides a broken model.
+    part_loss = torch.where(active > 0, hinge_sum / (active + 1e-9), hinge_sum)
     loss = part_loss.mean()
 
     info = {

@@ -5,7 +5,7 @@ under ``force_gpu_choices()`` at the papers' shapes, records every ``kernel[grid
 instead of running it, compiles each distinct launch with the installed Triton for
 ``cuda:90`` (the JIT's specialisations: integer arguments equal to 1 become constants, those
 divisible by 16 and the pointers get ``tt.divisibility=16``), and prints one line per kernel
-variant: registers and local-memory (spill) bytes (``cuobjdump -res-usage`` of the cubin), shared memory and whether the
+variant: registers (``cuobjdump -res-usage`` of the cubin), spill bytes (stores + loads, ``ptxas -v``), shared memory and whether the
 PTX holds tensor-core instructions (``wgmma``/``mma``).
 
     python -m bench.aot_gem_triplet            # Triton 3.9 (installed)
@@ -102,6 +102,22 @@ def signature_of(kernel, args, kwargs):
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
+def _ptxas_spills(ptx: str) -> int:
+    bin_dir = os.path.dirname(CUOBJDUMP)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        for name in ("ptxas", "ptxas-blackwell"):  # Triton 3.9's PTX 9.x needs the newer one
+            run = subprocess.run([os.path.join(bin_dir, name), "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True)
+            if run.returncode == 0:
+                text = run.stdout + run.stderr
+                return sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+        raise RuntimeError(f"ptxas failed: {run.stderr.strip()[:200]}")
+    finally:
+        os.unlink(f.name)
+
+
 def compile_report(kernel, args, kwargs):
     signature, constexprs, attrs, options = signature_of(kernel, args, kwargs)
     options = {"num_warps": 4, "num_stages": 3} | options
@@ -116,7 +132,8 @@ def compile_report(kernel, args, kwargs):
     usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
     os.unlink(f.name)
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    spill = int(re.search(r"LOCAL:(\d+)", usage).group(1))  # local memory: spills (no local arrays here)
+    # Spill bytes from ``ptxas -v`` on the same PTX (the cubin's STACK also counts a stack frame).
+    spill = _ptxas_spills(ptx)
     tensor_core = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "-")
     shared = compiled.metadata.shared
     blocks = {k: v for k, v in constexprs.items() if k.isupper()}
@@ -157,7 +174,7 @@ def _gem_launch(x, bins, train):
 
 def triplet_cases(quick):
     dtypes = [torch.float32, torch.bfloat16, torch.float16]
-    configs = [(128, 128, 64), (256, 128, 64), (256, 256, 64), (128, 256, 16)]
+    configs = [(128, 128, 64), (256, 128, 64), (256, 256, 64), (128, 256, 16), (64, 128, 16)]
     if quick:
         configs, dtypes = configs[:2], dtypes[:2]
     for dtype in dtypes:
@@ -170,9 +187,16 @@ def triplet_cases(quick):
 
 
 def _triplet_launch(n, c, parts, dtype):
-    embeddings = torch.empty(parts, n, c, dtype=dtype, device="meta").permute(1, 2, 0)
+    # SeparateFCs' layout (a [p, n, c] tensor seen as [n, c, p]) and a contiguous [n, c, p] one.
+    _triplet_launch_one(torch.empty(parts, n, c, dtype=dtype, device="meta").permute(1, 2, 0))
+    _triplet_launch_one(torch.empty(n, c, parts, dtype=dtype, device="meta"))
+
+
+def _triplet_launch_one(embeddings):
+    n = embeddings.shape[0]
     labels = torch.empty(n, dtype=torch.int64, device="meta")
-    outputs = real(triplet_ops.triplet_loss_fwd)(embeddings, labels, 0.2)
+    real(triplet_ops.triplet_loss_fwd)(embeddings, labels, 0.2, False)  # evaluation-style forward
+    outputs = real(triplet_ops.triplet_loss_fwd)(embeddings, labels, 0.2, True)
     real(triplet_ops.triplet_loss_bwd)(torch.empty((), device="meta"), embeddings, *outputs[2:])
 
 

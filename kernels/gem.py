@@ -7,7 +7,7 @@ Design
 Input ``x [n, c, t, h, w]`` in any memory format (read through its strides, never copied);
 the trainer's is channels-last-3d, where ``c`` is the contiguous dim. Three kernels:
 
-``gem_rows_fwd_kernel`` -- grid ``(n * h, cdiv(c, BLOCK_C))``: one program per (sample, row,
+``gem_rows_fwd_kernel`` -- grid ``(h, n, cdiv(c, BLOCK_C))``: one program per (sample, row,
     block of channels). It walks the row in ``[BLOCK_W, BLOCK_C]`` tiles (columns x channels;
     the channel dim is the vectorised one, 8 bf16 = 16 B per thread in channels-last) and, for each
     tile, the frames (``UNROLL_T`` independent loads in flight per step): max over frames and its
@@ -17,10 +17,10 @@ the trainer's is channels-last-3d, where ``c`` is the contiguous dim. Three kern
     (``bins = (h,)``, the models' case, ``ROW_STRIPS``), the GeM output itself.
     ``BLOCK_W`` is chosen by the launcher so the padded columns stay under ~10% (w = 22 -> 8: 24
     columns; w = 11 -> 4: 12), not the next power of two (22 -> 32 wasted 31% of the lanes).
-``gem_strips_kernel`` -- grid ``(n * S, cdiv(c, BLOCK_C))``: the small combine of row statistics
+``gem_strips_kernel`` -- grid ``(S, n, cdiv(c, BLOCK_C))``: the small combine of row statistics
     into the ``S`` strips of all bins (two passes over the strip's rows: maximum, then the
     rescaled power sums; a fixed order, deterministic). Not launched with ``ROW_STRIPS``.
-``gem_rows_bwd_kernel`` -- grid ``(n * h, cdiv(c, BLOCK_C))``, the forward's tiles: rebuilds
+``gem_rows_bwd_kernel`` -- grid ``(h, n, cdiv(c, BLOCK_C))``, the forward's tiles: rebuilds
     ``y`` from the saved frame max, sums the contributions of the strip of every bin that holds
     the row, writes the gradient to the argmax frame and zeros to the others (every element of
     ``grad_x`` is written exactly once), and stores its share of ``d loss / d p`` in
@@ -112,8 +112,8 @@ def gem_rows_fwd_kernel(
 ):
     """Max over frames, clamp and the power sum of one row for ``BLOCK_C`` channels.
 
-    Grid: ``(n * H, cdiv(C, BLOCK_C))``; program ``(i, j)``: sample ``i // H``, row ``i % H``,
-    channels ``[j * BLOCK_C, (j + 1) * BLOCK_C)``.
+    Grid: ``(H, n, cdiv(C, BLOCK_C))``; program ``(h, i, j)``: row ``h`` of sample ``i``, channels
+    ``[j * BLOCK_C, (j + 1) * BLOCK_C)`` (no division to find them).
 
     Args:
         x_ptr: input ``[n, C, T, H, W]``, any float dtype, strides ``stride_x{n,c,t,h,w}`` in
@@ -128,14 +128,12 @@ def gem_rows_fwd_kernel(
         UNROLL_T: frames loaded per step; BLOCK_W: columns per tile; BLOCK_C: channels (powers of 2
             except UNROLL_T).
     """
-    row = tl.program_id(0)
-    sample = row // H
-    h = row - sample * H
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    h = tl.program_id(0)
+    sample = tl.program_id(1)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     offs_w = tl.arange(0, BLOCK_W)  # [BLOCK_W]
     mask_c = offs_c < C
     p = tl.load(p_ptr).to(tl.float32)
-    p_ok = _valid_p(p)
     eps = tl.cast(eps, tl.float32)
 
     x_row = x_ptr + sample.to(tl.int64) * stride_xn + h * stride_xh  # int64 base, int32 offsets below
@@ -168,13 +166,16 @@ def gem_rows_fwd_kernel(
         row_pow = row_pow * _pow_ratio(row_max, log2_new, new_max, p) + tl.sum(powered, axis=0)
         row_max = new_max
 
+    # (sample, row) straight from the program ids (a row index computed with a division and kept
+    # live across the loop was spilled by ptxas 12.8, Triton 3.6).
+    sample64 = sample.to(tl.int64)
     if ROW_STRIPS:
-        value = _gem_value(row_max, row_pow / W.to(tl.float32), p, p_ok)
-        tl.store(out_ptr + (sample.to(tl.int64) * C + offs_c) * H + h, value, mask=mask_c)
+        result = out_ptr + sample64 * C * H + h + offs_c * H  # out[sample, c, h]
+        tl.store(result, _gem_value(row_max, row_pow / W.to(tl.float32), p, _valid_p(p)), mask=mask_c)
     else:
-        stats = stats_ptr + row.to(tl.int64) * C + offs_c  # [BLOCK_C]
-        tl.store(stats, row_max, mask=mask_c)
-        tl.store(stats + tl.num_programs(0).to(tl.int64) * C, row_pow, mask=mask_c)
+        result = stats_ptr + (sample64 * H + h) * C + offs_c  # stats[0, sample * H + h, c]
+        tl.store(result, row_max, mask=mask_c)
+        tl.store(result + tl.num_programs(1).to(tl.int64) * H * C, row_pow, mask=mask_c)
 
 
 @triton.jit
@@ -191,20 +192,19 @@ def gem_strips_kernel(
 ):
     """Row statistics -> the strips of every bin: ``out [n, C, S]`` fp32 contiguous.
 
-    Grid: ``(n * S, cdiv(C, BLOCK_C))``; program ``(i, j)``: sample ``i // S``, strip ``i % S``
-    (rows ``[strip_rows[s], strip_rows[S + s])``), channels of block ``j``. Two passes over the
+    Grid: ``(S, n, cdiv(C, BLOCK_C))``; program ``(s, i, j)``: strip ``s`` (rows
+    ``[strip_rows[s], strip_rows[S + s])``) of sample ``i``, channels of block ``j``. Two passes over the
     strip's rows in order (deterministic): the strip maximum, then the rescaled power sums.
     """
-    pid = tl.program_id(0)
-    sample = pid // S
-    s = pid - sample * S
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    s = tl.program_id(0)
+    sample = tl.program_id(1)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     mask_c = offs_c < C
     p = tl.load(p_ptr).to(tl.float32)
     lo = tl.load(strip_rows_ptr + s)
     hi = tl.load(strip_rows_ptr + S + s)
     rows_max = stats_ptr + sample.to(tl.int64) * H * C + offs_c  # [BLOCK_C]; row r at + r * C
-    rows_pow = rows_max + tl.num_programs(0).to(tl.int64) // S * H * C
+    rows_pow = rows_max + tl.num_programs(1).to(tl.int64) * H * C
     strip_max = tl.zeros((BLOCK_C,), tl.float32)
     for r in range(lo, hi):
         strip_max = tl.maximum(strip_max, tl.load(rows_max + r * C, mask=mask_c, other=1.0))
@@ -259,8 +259,8 @@ def gem_rows_bwd_kernel(
 ):
     """GeM-HPP backward for one (sample, row, channel block): ``grad_x`` and a ``grad_p`` partial.
 
-    Grid: ``(n * H, cdiv(C, BLOCK_C))``, the forward's. ``grad_p_partial_ptr[i * cdiv(C, BLOCK_C) + j]``
-    receives program ``(i, j)``'s share of ``d loss / d p``.
+    Grid: ``(H, n, cdiv(C, BLOCK_C))``, the forward's. ``grad_p_partial_ptr[(i * H + h) * cdiv(C, BLOCK_C) + j]``
+    receives program ``(h, i, j)``'s share of ``d loss / d p``.
 
     Args:
         grad_out_ptr: ``[n, C, S]``, any float dtype, strides ``stride_g{n,c,s}``.
@@ -276,10 +276,9 @@ def gem_rows_bwd_kernel(
         eps: the clamp floor; the clamp passes the gradient where ``x >= eps`` (as torch).
         HAS_FRAMES: False for the 4-D entry (``T = 1``, no argmax).
     """
-    row = tl.program_id(0)
-    sample = row // H
-    h = row - sample * H
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    h = tl.program_id(0)
+    sample = tl.program_id(1)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     offs_w = tl.arange(0, BLOCK_W)  # [BLOCK_W]
     mask_c = offs_c < C
     p = tl.load(p_ptr).to(tl.float32)
@@ -328,4 +327,5 @@ def gem_rows_bwd_kernel(
         else:
             tl.store(d_row + offs, grad_y.to(grad_x_ptr.dtype.element_ty), mask=mask)
     partial = tl.sum(tl.sum(grad_p_acc, axis=1), axis=0) * (LN2 / p)
-    tl.store(grad_p_partial_ptr + row.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), partial)
+    program = (tl.program_id(1).to(tl.int64) * H + tl.program_id(0)) * tl.num_programs(2) + tl.program_id(2)
+    tl.store(grad_p_partial_ptr + program, partial)

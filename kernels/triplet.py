@@ -41,7 +41,8 @@ A NaN hinge term (NaN distance) counts as not active but goes into the hinge sum
 is NaN whenever a triplet it uses has a NaN distance, even when no triplet is active; ``R``
 keeps NaN (``count / NaN``), so the gradient is NaN too.
 
-Index math: one int64 base per part / row, int32 offsets inside (the launchers check sizes).
+Index math: one int64 base per part, int32 offsets inside it (the launchers check that a part's
+rows and channels span < 2**31 elements); no ``%`` or ``//`` in loops.
 """
 import triton
 import triton.language as tl
@@ -63,10 +64,12 @@ def _tile_dot(a, b_t, DOT_NATIVE: tl.constexpr):
 
 @triton.jit
 def _gram_block(
-    a_base,  # [BLOCK_M] pointers to the rows of a (int64 row bases)
+    a_ptr,  # scalar base (int64 part offset already applied)
+    a_offs,  # [BLOCK_M] int32 row offsets from a_ptr
     a_mask,  # [BLOCK_M]
     a_stride_c,
-    b_base,  # [BLOCK_N] pointers to the rows of b
+    b_ptr,
+    b_offs,  # [BLOCK_N] int32
     b_mask,  # [BLOCK_N]
     b_stride_c,
     C,
@@ -83,8 +86,8 @@ def _gram_block(
     for k0 in range(0, C, BLOCK_K):
         ks = k0 + offs_k  # [BLOCK_K]
         mask_k = (ks < C)[None, :]
-        a = tl.load(a_base[:, None] + ks[None, :] * a_stride_c, mask=a_mask[:, None] & mask_k, other=0.0)
-        b = tl.load(b_base[:, None] + ks[None, :] * b_stride_c, mask=b_mask[:, None] & mask_k, other=0.0)
+        a = tl.load(a_ptr + (a_offs[:, None] + ks[None, :] * a_stride_c), mask=a_mask[:, None] & mask_k, other=0.0)
+        b = tl.load(b_ptr + (b_offs[:, None] + ks[None, :] * b_stride_c), mask=b_mask[:, None] & mask_k, other=0.0)
         dot += _tile_dot(a, b, DOT_NATIVE)
         a32 = a.to(tl.float32)  # [BLOCK_M, BLOCK_K]
         b32 = b.to(tl.float32)  # [BLOCK_N, BLOCK_K]
@@ -166,8 +169,8 @@ def triplet_rows_kernel(
 
     part_base = emb_ptr + part.to(tl.int64) * stride_ep
     dot, a_sq, b_sq = _gram_block(
-        part_base + anchor.to(tl.int64) * stride_en, row_ok, stride_ec,
-        part_base + cols.to(tl.int64) * stride_en, col_ok, stride_ec,
+        part_base, anchor * stride_en, row_ok, stride_ec,
+        part_base, cols * stride_en, col_ok, stride_ec,
         C, BLOCK_A, BLOCK_N, BLOCK_K, DOT_NATIVE,
     )  # fmt: skip
     self_pair = anchor[:, None] == cols[None, :]  # [BLOCK_A, BLOCK_N]
@@ -202,8 +205,8 @@ def triplet_rows_kernel(
 
     if SAVE_R:
         ratio = tl.where(dist == 0.0, 0.0, weight / dist)  # NaN distances give NaN
-        r_rows = r_ptr + part.to(tl.int64) * N * N + anchor.to(tl.int64) * N  # [BLOCK_A]
-        tl.store(r_rows[:, None] + cols[None, :], ratio, mask=pair_ok)
+        r_part = r_ptr + part.to(tl.int64) * N * N  # int64 base, int32 offsets inside the part
+        tl.store(r_part + (anchor[:, None] * N + cols[None, :]), ratio, mask=pair_ok)
 
     nb = tl.num_programs(0)
     positive_other = positive & ~self_pair
@@ -308,7 +311,6 @@ def triplet_grad_kernel(
     r_part = r_ptr + part.to(tl.int64) * N * N  # int64 base; int32 offsets inside the part
     e_part = emb_ptr + part.to(tl.int64) * stride_ep
     g_part = grad_emb_ptr + part.to(tl.int64) * stride_gp
-    e_rows = e_part + rows.to(tl.int64) * stride_en  # [BLOCK_B]
 
     for k0 in range(0, C, BLOCK_K):
         ks = k0 + offs_k  # [BLOCK_K]
@@ -323,16 +325,16 @@ def triplet_grad_kernel(
             r_jb = tl.load(r_part + cols[None, :] * N + rows[:, None], mask=pair_ok, other=0.0)
             s = r_bj + r_jb  # [BLOCK_B, BLOCK_J]
             e_cols = tl.load(
-                e_part + cols[:, None].to(tl.int64) * stride_en + ks[None, :] * stride_ec,
+                e_part + (cols[:, None] * stride_en + ks[None, :] * stride_ec),
                 mask=col_ok[:, None] & mask_k[None, :],
                 other=0.0,
             ).to(tl.float32)  # [BLOCK_J, BLOCK_K]
             acc += tl.dot(s, e_cols, input_precision="ieee")
             row_sum += tl.sum(s, axis=1)
         mask = row_ok[:, None] & mask_k[None, :]
-        e_b = tl.load(e_rows[:, None] + ks[None, :] * stride_ec, mask=mask, other=0.0).to(tl.float32)
-        grad = scale * (row_sum[:, None] * e_b - acc)
-        g_offs = rows[:, None].to(tl.int64) * stride_gn + ks[None, :] * stride_gc
+        e_b = tl.load(e_part + (rows[:, None] * stride_en + ks[None, :] * stride_ec), mask=mask, other=0.0)
+        grad = scale * (row_sum[:, None] * e_b.to(tl.float32) - acc)
+        g_offs = rows[:, None] * stride_gn + ks[None, :] * stride_gc
         tl.store(g_part + g_offs, grad.to(grad_emb_ptr.dtype.element_ty), mask=mask)
 
 
@@ -368,15 +370,19 @@ def part_distance_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     row_ok = rows < N
     col_ok = cols < M
-    a_rows = probe_ptr + rows.to(tl.int64) * stride_an  # int64 bases, int32 offsets inside
-    b_rows = gallery_ptr + cols.to(tl.int64) * stride_bn
+    a_offs = rows * stride_an  # int32 offsets inside one part (the launcher checks n * c < 2**31)
+    b_offs = cols * stride_bn
     total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for part in range(P):
+    a_part = probe_ptr  # the part's base pointer (64-bit), advanced one part per iteration
+    b_part = gallery_ptr
+    for _ in range(P):
         dot, a_sq, b_sq = _gram_block(
-            a_rows + part * stride_ap, row_ok, stride_ac,
-            b_rows + part * stride_bp, col_ok, stride_bc,
+            a_part, a_offs, row_ok, stride_ac,
+            b_part, b_offs, col_ok, stride_bc,
             C, BLOCK_M, BLOCK_N, BLOCK_K, DOT_NATIVE,
         )  # fmt: skip
+        a_part += stride_ap
+        b_part += stride_bp
         if COSINE:
             a_norm = tl.sqrt(a_sq)
             b_norm = tl.sqrt(b_sq)

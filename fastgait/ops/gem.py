@@ -203,10 +203,12 @@ def gem_hpp_fwd(
         x5 = _as_5d(x)
         n, c, t, h, w = x5.shape
         _check_sample_extent(x=x5)
+        if n > 65535:  # the grid's second dim
+            raise ValueError(f"{OP}: impl='triton' takes at most 65535 samples per call, got {n}; split the batch")
         save = frame_arg.numel() > 0
         row_strips = list(bins) == [h]
         tile = _tile(c, t, w, x.element_size(), x.device)
-        grid = (n * h, triton.cdiv(c, tile["BLOCK_C"]))
+        grid = (h, n, triton.cdiv(c, tile["BLOCK_C"]))
         stats = out if row_strips else _alloc.empty(2, n * h, c, dtype=torch.float32, device=x.device)
         gem_rows_fwd_kernel[grid](
             x5, p, out, stats,
@@ -221,7 +223,7 @@ def gem_hpp_fwd(
             strip_rows, _ = _strip_tables(tuple(bins), h, x.device)
             s = strip_rows.shape[1]
             block_c = min(_pow2(c), 256)
-            gem_strips_kernel[(n * s, triton.cdiv(c, block_c))](
+            gem_strips_kernel[(s, n, triton.cdiv(c, block_c))](
                 stats, p, strip_rows, out, c, h, w, s, BLOCK_C=block_c, num_warps=max(1, min(4, block_c // 64))
             )
     return out, frame_max, frame_arg
@@ -256,9 +258,9 @@ def gem_hpp_bwd(
         t = max(frames, 1)
         strip_rows, row_strip = _strip_tables(tuple(bins), h, frame_max.device)
         tile = _tile(c, t, w, frame_max.element_size(), frame_max.device)
-        grid = (n * h, triton.cdiv(c, tile["BLOCK_C"]))
+        grid = (h, n, triton.cdiv(c, tile["BLOCK_C"]))
         _check_sample_extent(grad_x=_as_5d(grad_x))
-        partials = _alloc.empty(grid[0] * grid[1], dtype=torch.float32, device=frame_max.device)
+        partials = _alloc.empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=frame_max.device)
         has_frames = frames > 0
         gem_rows_bwd_kernel[grid](
             grad_out, out, p, frame_max, frame_arg if has_frames else frame_max,

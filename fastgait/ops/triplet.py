@@ -30,7 +30,7 @@ from .reference import part_distance_reference, triplet_loss_reference
 METRICS = ("euc", "cos")
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 GRAM_BLOCK = 16  # rows per program / channels per step: tl.dot's smallest tile
-MAX_TRITON_BATCH = 512  # the rows kernel holds all n distance columns of a part in one tile
+MAX_TRITON_BATCH = 256  # the rows kernel holds all n distance columns of a part in one tile (512: spills)
 
 
 def triplet_loss(
@@ -127,6 +127,14 @@ def _rows_config(n: int, c: int) -> dict:
     return dict(BLOCK_A=GRAM_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=16, num_warps=4 if block_n <= 128 else 8)
 
 
+def _check_part_extent(op: str, **tensors: torch.Tensor) -> None:
+    """The kernels index one part with int32 offsets (the part base is int64): check that it fits."""
+    for name, t in tensors.items():
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[:2], t.stride()[:2]))
+        if extent >= 2**31:
+            raise ValueError(f"{op}: one part of {name} spans {extent} elements; impl='triton' needs < 2**31")
+
+
 def _triplet_outputs(embeddings: torch.Tensor, need_grad: bool):
     n, _, parts = embeddings.shape
     device = embeddings.device
@@ -154,6 +162,7 @@ def triplet_loss_fwd(
 
     with nvtx_range("triplet_loss.forward"):
         loss, info, ratio, part_scale = _triplet_outputs(embeddings, need_grad)
+        _check_part_extent("triplet_loss", embeddings=embeddings)
         n, c, parts = embeddings.shape
         config = _rows_config(n, c)
         blocks = triton.cdiv(n, config["BLOCK_A"])
@@ -222,11 +231,12 @@ triplet_loss_fwd.register_autograd(_triplet_backward, setup_context=_triplet_set
 
 
 def _distance_config(n: int, m: int, native: bool) -> dict:
-    """Tiles of ``part_distance_kernel``: 64 x 64 outputs (IEEE fp32 dots on CUDA cores: 32
-    channels per step) or 128 x 64 for 16-bit inputs on the tensor cores; no spills on sm_90a."""
+    """Tiles of ``part_distance_kernel`` (checked for no spills on sm_90a, bench/aot_gem_triplet.py):
+    fp32 (IEEE dots on the CUDA cores): 64 x 64 outputs, 32 channels per step, 8 warps (128
+    registers); 16-bit inputs on the tensor cores (wgmma): 128 x 64, 8 warps (~122 registers)."""
     block_m = max(GRAM_BLOCK, min(_pow2(n), 128 if native else 64))
     block_n = max(GRAM_BLOCK, min(_pow2(m), 64))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, num_warps=8 if native and block_m >= 128 else 4)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, num_warps=8, num_stages=3)
 
 
 @torch.library.custom_op("fastgait::part_distance", mutates_args=())
@@ -243,8 +253,15 @@ def part_distance_fwd(probe: torch.Tensor, gallery: torch.Tensor, cosine: bool) 
         native = _dot_native(probe)
         config = _distance_config(n, m, native)
         grid = (triton.cdiv(n, config["BLOCK_M"]), triton.cdiv(m, config["BLOCK_N"]))
+        # Channels contiguous (``[p, n, c]`` memory, SeparateFCs' own layout: then no copy), so the
+        # Gram tiles load 16 bytes per thread instead of one element per address.
+        probe_pnc = probe.permute(2, 0, 1).contiguous()
+        gallery_pnc = gallery.permute(2, 0, 1).contiguous()
+        _check_part_extent("part_distance", probe=probe_pnc.permute(1, 2, 0), gallery=gallery_pnc.permute(1, 2, 0))
         part_distance_kernel[grid](
-            probe, gallery, out, n, m, c, parts, *probe.stride(), *gallery.stride(),
+            probe_pnc, gallery_pnc, out, n, m, c, parts,
+            probe_pnc.stride(1), probe_pnc.stride(2), probe_pnc.stride(0),
+            gallery_pnc.stride(1), gallery_pnc.stride(2), gallery_pnc.stride(0),
             COSINE=cosine, DOT_NATIVE=native, **config,
         )  # fmt: skip
     return out

@@ -5,7 +5,7 @@ under ``force_gpu_choices()`` at the papers' shapes, records every ``kernel[grid
 instead of running it, compiles each distinct launch with the installed Triton for
 ``cuda:90`` (the JIT's specialisations: integer arguments equal to 1 become constants, those
 divisible by 16 and the pointers get ``tt.divisibility=16``), and prints one line per kernel
-variant: registers (``cuobjdump -res-usage`` of the cubin), spill bytes (stores + loads, ``ptxas -v``), shared memory and whether the
+variant: registers and spill bytes (stores + loads) from the ``ptxas -v`` log of Triton's own ptxas call, shared memory and whether the
 PTX holds tensor-core instructions (``wgmma``/``mma``).
 
     python -m bench.aot_gem_triplet            # Triton 3.9 (installed)
@@ -17,12 +17,17 @@ Exit status 1 when any variant spills or fails to compile.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
+
+# A fresh cache, so every variant really runs ptxas and its log (registers, spills) is seen.
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aot-gem-triplet-")
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 import torch
 
@@ -99,41 +104,26 @@ def signature_of(kernel, args, kwargs):
     return signature, constexprs, attrs, options
 
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-def _ptxas_spills(ptx: str) -> int:
-    bin_dir = os.path.dirname(CUOBJDUMP)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        for name in ("ptxas", "ptxas-blackwell"):  # Triton 3.9's PTX 9.x needs the newer one
-            run = subprocess.run([os.path.join(bin_dir, name), "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                                 capture_output=True, text=True)
-            if run.returncode == 0:
-                text = run.stdout + run.stderr
-                return sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
-        raise RuntimeError(f"ptxas failed: {run.stderr.strip()[:200]}")
-    finally:
-        os.unlink(f.name)
 
 
 def compile_report(kernel, args, kwargs):
     signature, constexprs, attrs, options = signature_of(kernel, args, kwargs)
     options = {"num_warps": 4, "num_stages": 3} | options
-    compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-        target=GPUTarget("cuda", 90, 32),
-        options=options,
-    )
+    log = io.StringIO()
+    with redirect_stdout(log):  # Triton prints its own ptxas -v log (TRITON_DUMP_PTXAS_LOG)
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+            target=GPUTarget("cuda", 90, 32),
+            options=options,
+        )
     ptx = compiled.asm["ptx"]
-    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    # Spill bytes from ``ptxas -v`` on the same PTX (the cubin's STACK also counts a stack frame).
-    spill = _ptxas_spills(ptx)
+    text = log.getvalue()
+    used = re.search(r"Used (\d+) registers", text)
+    if used is None:
+        raise RuntimeError("no ptxas log (TRITON_DUMP_PTXAS_LOG) was captured")
+    regs = int(used.group(1))
+    # Spills as reported by the ptxas call Triton itself made for this cubin.
+    spill = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
     tensor_core = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "-")
     shared = compiled.metadata.shared
     blocks = {k: v for k, v in constexprs.items() if k.isupper()}

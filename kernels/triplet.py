@@ -83,11 +83,13 @@ def _gram_block(
     dot = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     a_sq = tl.zeros((BLOCK_M,), tl.float32)
     b_sq = tl.zeros((BLOCK_N,), tl.float32)
+    a_rows = a_ptr + a_offs  # [BLOCK_M] row pointers, built once
+    b_rows = b_ptr + b_offs  # [BLOCK_N]
     for k0 in range(0, C, BLOCK_K):
         ks = k0 + offs_k  # [BLOCK_K]
         mask_k = (ks < C)[None, :]
-        a = tl.load(a_ptr + (a_offs[:, None] + ks[None, :] * a_stride_c), mask=a_mask[:, None] & mask_k, other=0.0)
-        b = tl.load(b_ptr + (b_offs[:, None] + ks[None, :] * b_stride_c), mask=b_mask[:, None] & mask_k, other=0.0)
+        a = tl.load(a_rows[:, None] + ks[None, :] * a_stride_c, mask=a_mask[:, None] & mask_k, other=0.0)
+        b = tl.load(b_rows[:, None] + ks[None, :] * b_stride_c, mask=b_mask[:, None] & mask_k, other=0.0)
         dot += _tile_dot(a, b, DOT_NATIVE)
         a32 = a.to(tl.float32)  # [BLOCK_M, BLOCK_K]
         b32 = b.to(tl.float32)  # [BLOCK_N, BLOCK_K]

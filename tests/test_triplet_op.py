@@ -279,11 +279,13 @@ def test_bf16_at_training_shape_on_gpu(identities, per_identity, fp32_matmul):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-tensor-cores", "fp32-ieee"])
 @pytest.mark.parametrize("metric", ["euc", "cos"])
-def test_part_distance_bf16_on_gpu(metric, fp32_matmul):
+def test_part_distance_bf16_on_gpu(metric, dtype, fp32_matmul):
+    # fp32 inputs: IEEE fp32 dots (no TF32), so the evaluation distances match the fp32 reference.
     gen = torch.Generator(device="cuda").manual_seed(0)
-    probe = torch.randn(1000, 128, 64, device="cuda", generator=gen).to(torch.bfloat16)
-    gallery = torch.randn(64, 1200, 128, device="cuda", generator=gen).to(torch.bfloat16).permute(1, 2, 0)
+    probe = torch.randn(1000, 128, 64, device="cuda", generator=gen).to(dtype)
+    gallery = torch.randn(64, 1200, 128, device="cuda", generator=gen).to(dtype).permute(1, 2, 0)
     got = part_distance(probe, gallery, metric, impl="triton")
     assert_close(got, part_distance_reference(probe, gallery, metric), name=metric, rtol=1e-4, atol=1e-4)
 

@@ -2,11 +2,14 @@
 
 Implementations:
 - ``"reference"``: the spec, ``fastgait.ops.reference.gem_hpp_reference``.
-- ``"triton"``: one pass over ``[n, c, t, h, w]`` (``fastgait.kernels.gem``) computes the max
-  over frames, the clamp, the powers and every strip of every bin, in fp32; the backward sends
-  the gradient to the first argmax frame and reduces ``d loss / d p`` from per-program
-  partials in a fixed order (deterministic). Saved for backward: the max over frames (input
-  dtype) and its frame (int16), ``[n, c, h, w]`` each, never the input.
+- ``"triton"``: ``fastgait.kernels.gem`` (see its design note). Forward: one program per
+  (row, sample, block of channels) reads its row of every frame once (tiles vectorised over the
+  channels, the contiguous dim of channels-last-3d) and computes the max over frames, the clamp
+  and the row's power sum in fp32; with ``bins == (h,)`` (one strip per row, the models' case)
+  it writes the output itself, otherwise a small second kernel combines rows into strips. The
+  backward (same grid) sends the gradient to the first argmax frame and reduces ``d loss / d p``
+  from per-program partials in a fixed order (deterministic). Saved for backward: the max over
+  frames (input dtype) and its frame (int16), ``[n, c, h, w]`` each, never the input.
 
 Both Triton ops are ``torch.library`` custom ops (``fastgait::gem_hpp_fwd`` / ``_bwd``) with
 fake implementations and an autograd registration, so ``torch.compile(fullgraph=True)`` traces

@@ -135,6 +135,15 @@ def _check_part_extent(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{op}: one part of {name} spans {extent} elements; impl='triton' needs < 2**31")
 
 
+def _channels_contiguous(embeddings: torch.Tensor) -> torch.Tensor:
+    """``embeddings`` with the channel dim contiguous (``[p, n, c]`` memory: SeparateFCs' own
+    layout, then no copy), so the kernels load 16-byte vectors along the channels; any other
+    layout is copied once (``n c p`` elements, small next to the ``p n^2`` work)."""
+    if embeddings.stride(1) == 1 or embeddings.shape[1] == 1:
+        return embeddings
+    return embeddings.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+
+
 def _triplet_outputs(embeddings: torch.Tensor, need_grad: bool):
     n, _, parts = embeddings.shape
     device = embeddings.device
@@ -162,6 +171,7 @@ def triplet_loss_fwd(
 
     with nvtx_range("triplet_loss.forward"):
         loss, info, ratio, part_scale = _triplet_outputs(embeddings, need_grad)
+        embeddings = _channels_contiguous(embeddings)
         _check_part_extent("triplet_loss", embeddings=embeddings)
         n, c, parts = embeddings.shape
         config = _rows_config(n, c)
@@ -195,7 +205,8 @@ def triplet_loss_bwd(
     from fastgait.kernels.triplet import triplet_grad_kernel
 
     with nvtx_range("triplet_loss.backward"):
-        grad = _grad_output(embeddings)
+        grad = _grad_output(embeddings)  # in the embeddings' own layout
+        embeddings = _channels_contiguous(embeddings)
         n, c, parts = embeddings.shape
         block_k = max(GRAM_BLOCK, min(_pow2(c), 64))
         grid = (triton.cdiv(n, GRAM_BLOCK), parts)

@@ -171,7 +171,7 @@ def gem_rows_fwd_kernel(
     sample64 = sample.to(tl.int64)
     if ROW_STRIPS:
         result = out_ptr + sample64 * C * H + h + offs_c * H  # out[sample, c, h]
-        tl.store(result, _gem_value(row_max, row_pow / W.to(tl.float32), p, _valid_p(p)), mask=mask_c)
+        tl.store(result, _gem_value(row_max, row_pow / W, p, _valid_p(p)), mask=mask_c)  # (W may be the constant 1)
     else:
         result = stats_ptr + (sample64 * H + h) * C + offs_c  # stats[0, sample * H + h, c]
         tl.store(result, row_max, mask=mask_c)

@@ -393,5 +393,6 @@ def part_distance_kernel(
             total += 1.0 - dot / (a_norm[:, None] * b_norm[None, :])
         else:
             total += _euclidean(dot, a_sq, b_sq)
-    out_offs = rows[:, None].to(tl.int64) * M + cols[None, :]
-    tl.store(out_ptr + out_offs, total / P, mask=row_ok[:, None] & col_ok[None, :])
+    out_block = out_ptr + (tl.program_id(0) * BLOCK_M).to(tl.int64) * M  # int64 base of the row block
+    out_offs = (rows - tl.program_id(0) * BLOCK_M)[:, None] * M + cols[None, :]  # int32 inside it
+    tl.store(out_block + out_offs, total / P, mask=row_ok[:, None] & col_ok[None, :])

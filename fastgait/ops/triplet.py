@@ -269,6 +269,8 @@ def part_distance_fwd(probe: torch.Tensor, gallery: torch.Tensor, cosine: bool) 
         probe_pnc = probe.permute(2, 0, 1).contiguous()
         gallery_pnc = gallery.permute(2, 0, 1).contiguous()
         _check_part_extent("part_distance", probe=probe_pnc.permute(1, 2, 0), gallery=gallery_pnc.permute(1, 2, 0))
+        if config["BLOCK_M"] * m >= 2**31:
+            raise ValueError(f"part_distance: a gallery of {m} samples is too large for impl='triton'; use impl='torch'")
         part_distance_kernel[grid](
             probe_pnc, gallery_pnc, out, n, m, c, parts,
             probe_pnc.stride(1), probe_pnc.stride(2), probe_pnc.stride(0),

@@ -77,7 +77,7 @@ def signature_of(kernel, args, kwargs):
     names = kernel.arg_names
     constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
     signature, constexprs, attrs = {}, {}, {}
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     values = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k not in options}
     for i, name in enumerate(names):
         value = values[name]

@@ -32,6 +32,10 @@ from .reference import gem_hpp_reference, strip_bounds
 
 OP = "gem_hpp"
 MAX_FRAMES = torch.iinfo(torch.int16).max  # the argmax frame is saved as int16
+# No register cap below the hardware's: ptxas's own occupancy heuristics (12.8 and 13.x) spilled
+# a few bytes in some variants at 80-128 registers; with .maxnreg 255 none spills (see
+# bench/aot_gem_triplet.py), and the kernels stay near their natural 40-100 registers.
+MAXNREG = 255
 
 
 def gem_hpp(
@@ -169,7 +173,7 @@ def _tile(c: int, t: int, w: int, itemsize: int, device: torch.device) -> dict:
     warps = 4 if block_w * block_c >= 512 else (2 if block_w * block_c >= 128 else 1)
     if gpu_choices(device) and itemsize >= 4 and block_w * block_c >= 1024:
         warps = 8  # fp32: keep 8 elements (two 16-byte loads) per thread per frame
-    return dict(BLOCK_W=block_w, BLOCK_C=block_c, UNROLL_T=max(unroll, 1), num_warps=warps)
+    return dict(BLOCK_W=block_w, BLOCK_C=block_c, UNROLL_T=max(unroll, 1), num_warps=warps, maxnreg=MAXNREG)
 
 
 def _as_5d(t: torch.Tensor) -> torch.Tensor:
@@ -227,7 +231,8 @@ def gem_hpp_fwd(
             s = strip_rows.shape[1]
             block_c = min(_pow2(c), 256)
             gem_strips_kernel[(s, n, triton.cdiv(c, block_c))](
-                stats, p, strip_rows, out, c, h, w, s, BLOCK_C=block_c, num_warps=max(1, min(4, block_c // 64))
+                stats, p, strip_rows, out, c, h, w, s, BLOCK_C=block_c, num_warps=max(1, min(4, block_c // 64)),
+                maxnreg=MAXNREG,
             )
     return out, frame_max, frame_arg
 

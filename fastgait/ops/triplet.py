@@ -30,6 +30,9 @@ from .reference import part_distance_reference, triplet_loss_reference
 METRICS = ("euc", "cos")
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 GRAM_BLOCK = 16  # rows per program / channels per step: tl.dot's smallest tile
+# No register cap below the hardware's: ptxas's occupancy heuristics (12.8 and 13.x) spilled a few
+# bytes in some variants at exactly 128 registers; with .maxnreg 255 none spills (bench/aot_gem_triplet.py).
+MAXNREG = 255
 MAX_TRITON_BATCH = 256  # the rows kernel holds all n distance columns of a part in one tile (512: spills)
 
 
@@ -124,7 +127,8 @@ def _rows_config(n: int, c: int) -> dict:
     operand stays near 4096 elements; checked for no spills on sm_90a (bench/aot_gem_triplet.py)."""
     block_n = max(GRAM_BLOCK, _pow2(n))
     block_k = max(GRAM_BLOCK, min(_pow2(c), 4096 // block_n))
-    return dict(BLOCK_A=GRAM_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=16, num_warps=4 if block_n <= 128 else 8)
+    return dict(BLOCK_A=GRAM_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=16, num_warps=4 if block_n <= 128 else 8,
+                maxnreg=MAXNREG)
 
 
 def _check_part_extent(op: str, **tensors: torch.Tensor) -> None:
@@ -185,7 +189,7 @@ def triplet_loss_fwd(
         )  # fmt: skip
         triplet_finish_kernel[(1,)](
             stats, counts, loss, info, part_scale, parts, blocks,
-            BLOCK_P=min(_pow2(parts), 64), BLOCK_B=max(_pow2(blocks), 2),
+            BLOCK_P=min(_pow2(parts), 64), BLOCK_B=max(_pow2(blocks), 2), maxnreg=MAXNREG,
         )  # fmt: skip
     return loss, info, ratio, part_scale
 
@@ -213,7 +217,7 @@ def triplet_loss_bwd(
         triplet_grad_kernel[grid](
             embeddings, ratio, part_scale, grad_loss, grad,
             n, c, *embeddings.stride(), *grad.stride(),
-            BLOCK_B=GRAM_BLOCK, BLOCK_J=32 if n > 16 else 16, BLOCK_K=block_k,
+            BLOCK_B=GRAM_BLOCK, BLOCK_J=32 if n > 16 else 16, BLOCK_K=block_k, maxnreg=MAXNREG,
         )  # fmt: skip
     return grad
 
@@ -247,7 +251,7 @@ def _distance_config(n: int, m: int, native: bool) -> dict:
     registers); 16-bit inputs on the tensor cores (wgmma): 128 x 64, 8 warps (~122 registers)."""
     block_m = max(GRAM_BLOCK, min(_pow2(n), 128 if native else 64))
     block_n = max(GRAM_BLOCK, min(_pow2(m), 64))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, num_warps=8, num_stages=3, maxnreg=MAXNREG)
 
 
 @torch.library.custom_op("fastgait::part_distance", mutates_args=())

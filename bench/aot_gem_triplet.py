@@ -11,6 +11,7 @@ PTX holds tensor-core instructions (``wgmma``/``mma``).
     python -m bench.aot_gem_triplet            # Triton 3.9 (installed)
     PYTHONPATH=/opt/triton36 python -m bench.aot_gem_triplet   # Triton 3.6
     python -m bench.aot_gem_triplet --quick    # fewer shapes
+    python -m bench.aot_gem_triplet --maxnreg none,128,192   # registers/spills under each cap
 
 Exit status 1 when any variant spills or fails to compile.
 """
@@ -201,7 +202,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=("gem", "triplet"))
+    parser.add_argument("--maxnreg", help="compile every variant under each of these register caps "
+                        "instead of the launcher's, e.g. none,128,192 (how the launchers' caps were chosen)")
     options = parser.parse_args()
+    caps = [None if v == "none" else int(v) for v in options.maxnreg.split(",")] if options.maxnreg else None
     print(f"triton {triton.__version__}, target cuda:90 (ptxas sm_90a)")
     seen, bad = {}, 0
     cases = []
@@ -219,10 +223,21 @@ def main():
                    tuple(sorted(attrs)), tuple(sorted(opts.items())))
             if key in seen:
                 continue
+            if caps:
+                results = []
+                for cap in caps:
+                    capped = {k: v for k, v in kwargs.items() if k != "maxnreg"} | ({"maxnreg": cap} if cap else {})
+                    regs, spill = compile_report(kernel, args, capped)[:2]
+                    results.append(f"{cap}:{regs}/{spill}")
+                seen[key] = True
+                print(f"{kernel.__name__:24s} maxnreg:regs/spill {' '.join(results)}  [{label}]", flush=True)
+                continue
             try:
                 regs, spill, shared, tc, warps, blocks = compile_report(kernel, args, kwargs)
                 seen[key] = (regs, spill)
                 flag = "" if spill == 0 else "  <-- SPILLS"
+                if "maxnreg" in kwargs:
+                    blocks = blocks | {"maxnreg": kwargs["maxnreg"]}
                 bad += spill > 0
                 print(f"{kernel.__name__:24s} regs {regs:3d} spill {spill:5d} B smem {shared:6d} {tc:5s} "
                       f"warps {warps} {blocks} grid {tuple(grid)}  [{label}]{flag}", flush=True)

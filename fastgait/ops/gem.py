@@ -32,10 +32,11 @@ from .reference import gem_hpp_reference, strip_bounds
 
 OP = "gem_hpp"
 MAX_FRAMES = torch.iinfo(torch.int16).max  # the argmax frame is saved as int16
-# No register cap below the hardware's: ptxas's own occupancy heuristics (12.8 and 13.x) spilled
-# a few bytes in some variants at 80-128 registers; with .maxnreg 255 none spills (see
-# bench/aot_gem_triplet.py), and the kernels stay near their natural 40-100 registers.
-MAXNREG = 255
+# Register cap (``maxnreg``) of the row kernels, by layout, from the sweep in bench/aot_gem_triplet.py
+# (sm_90a, Triton 3.6 and 3.9): channels-last-3d tiles need 40-95 registers and compile without
+# spills uncapped; the contiguous layout's tiles, uncapped, had ptxas's occupancy heuristics spill
+# a few bytes in one variant, and compile without spills under a cap of 128.
+MAXNREG_CONTIGUOUS = 128
 
 
 def gem_hpp(
@@ -152,7 +153,7 @@ def _pow2(v: int) -> int:
     return 1 << max(v - 1, 0).bit_length()
 
 
-def _tile(c: int, t: int, w: int, itemsize: int, device: torch.device) -> dict:
+def _tile(c: int, t: int, w: int, itemsize: int, device: torch.device, channels_last: bool) -> dict:
     """Block sizes and warps of the row kernels (the same on every device; see kernels/gem.py).
 
     ``BLOCK_C``: up to 128 channels (the contiguous dim in channels-last-3d: 8 bf16 per thread).
@@ -173,7 +174,10 @@ def _tile(c: int, t: int, w: int, itemsize: int, device: torch.device) -> dict:
     warps = 4 if block_w * block_c >= 512 else (2 if block_w * block_c >= 128 else 1)
     if gpu_choices(device) and itemsize >= 4 and block_w * block_c >= 1024:
         warps = 8  # fp32: keep 8 elements (two 16-byte loads) per thread per frame
-    return dict(BLOCK_W=block_w, BLOCK_C=block_c, UNROLL_T=max(unroll, 1), num_warps=warps, maxnreg=MAXNREG)
+    tile = dict(BLOCK_W=block_w, BLOCK_C=block_c, UNROLL_T=max(unroll, 1), num_warps=warps)
+    if not channels_last:
+        tile["maxnreg"] = MAXNREG_CONTIGUOUS
+    return tile
 
 
 def _as_5d(t: torch.Tensor) -> torch.Tensor:
@@ -214,7 +218,7 @@ def gem_hpp_fwd(
             raise ValueError(f"{OP}: impl='triton' takes at most 65535 samples per call, got {n}; split the batch")
         save = frame_arg.numel() > 0
         row_strips = list(bins) == [h]
-        tile = _tile(c, t, w, x.element_size(), x.device)
+        tile = _tile(c, t, w, x.element_size(), x.device, x5.stride(1) == 1)
         grid = (h, n, triton.cdiv(c, tile["BLOCK_C"]))
         stats = out if row_strips else _alloc.empty(2, n * h, c, dtype=torch.float32, device=x.device)
         gem_rows_fwd_kernel[grid](
@@ -231,8 +235,7 @@ def gem_hpp_fwd(
             s = strip_rows.shape[1]
             block_c = min(_pow2(c), 256)
             gem_strips_kernel[(s, n, triton.cdiv(c, block_c))](
-                stats, p, strip_rows, out, c, h, w, s, BLOCK_C=block_c, num_warps=max(1, min(4, block_c // 64)),
-                maxnreg=MAXNREG,
+                stats, p, strip_rows, out, c, h, w, s, BLOCK_C=block_c, num_warps=max(1, min(4, block_c // 64))
             )
     return out, frame_max, frame_arg
 
@@ -265,7 +268,7 @@ def gem_hpp_bwd(
         n, c, h, w = frame_max.shape
         t = max(frames, 1)
         strip_rows, row_strip = _strip_tables(tuple(bins), h, frame_max.device)
-        tile = _tile(c, t, w, frame_max.element_size(), frame_max.device)
+        tile = _tile(c, t, w, frame_max.element_size(), frame_max.device, _as_5d(grad_x).stride(1) == 1)
         grid = (h, n, triton.cdiv(c, tile["BLOCK_C"]))
         _check_sample_extent(grad_x=_as_5d(grad_x))
         partials = _alloc.empty(grid[0] * grid[1] * grid[2], dtype=torch.float32, device=frame_max.device)

@@ -30,9 +30,12 @@ from .reference import part_distance_reference, triplet_loss_reference
 METRICS = ("euc", "cos")
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 GRAM_BLOCK = 16  # rows per program / channels per step: tl.dot's smallest tile
-# No register cap below the hardware's: ptxas's occupancy heuristics (12.8 and 13.x) spilled a few
-# bytes in some variants at exactly 128 registers; with .maxnreg 255 none spills (bench/aot_gem_triplet.py).
-MAXNREG = 255
+# Register caps (``maxnreg``) from the sweep in bench/aot_gem_triplet.py (sm_90a, Triton 3.6 and 3.9):
+# the kernels with IEEE fp32 dots compile without spills uncapped (a cap made ptxas spill), except
+# part_distance under 3.6 (uncapped it stopped at 128 and spilled; 160 does not); the rows kernel
+# on 16-bit tensor-core dots needs a cap of 192 (uncapped, one variant spilled 8 bytes at 128).
+MAXNREG_ROWS_NATIVE = 192
+MAXNREG_DISTANCE_FP32 = 160
 MAX_TRITON_BATCH = 256  # the rows kernel holds all n distance columns of a part in one tile (512: spills)
 
 
@@ -127,8 +130,7 @@ def _rows_config(n: int, c: int) -> dict:
     operand stays near 4096 elements; checked for no spills on sm_90a (bench/aot_gem_triplet.py)."""
     block_n = max(GRAM_BLOCK, _pow2(n))
     block_k = max(GRAM_BLOCK, min(_pow2(c), 4096 // block_n))
-    return dict(BLOCK_A=GRAM_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=16, num_warps=4 if block_n <= 128 else 8,
-                maxnreg=MAXNREG)
+    return dict(BLOCK_A=GRAM_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=16, num_warps=4 if block_n <= 128 else 8)
 
 
 def _check_part_extent(op: str, **tensors: torch.Tensor) -> None:
@@ -179,17 +181,20 @@ def triplet_loss_fwd(
         _check_part_extent("triplet_loss", embeddings=embeddings)
         n, c, parts = embeddings.shape
         config = _rows_config(n, c)
+        native = _dot_native(embeddings)
+        if native:
+            config["maxnreg"] = MAXNREG_ROWS_NATIVE
         blocks = triton.cdiv(n, config["BLOCK_A"])
         stats = _alloc.empty(3, parts, blocks, dtype=torch.float32, device=embeddings.device)
         counts = _alloc.empty(parts + 2, blocks, dtype=torch.int32, device=embeddings.device)
         triplet_rows_kernel[(blocks, parts)](
             embeddings, labels, ratio if need_grad else stats, stats, counts,
             n, c, parts, *embeddings.stride(), margin,
-            SAVE_R=need_grad, DOT_NATIVE=_dot_native(embeddings), **config,
+            SAVE_R=need_grad, DOT_NATIVE=native, **config,
         )  # fmt: skip
         triplet_finish_kernel[(1,)](
             stats, counts, loss, info, part_scale, parts, blocks,
-            BLOCK_P=min(_pow2(parts), 64), BLOCK_B=max(_pow2(blocks), 2), maxnreg=MAXNREG,
+            BLOCK_P=min(_pow2(parts), 64), BLOCK_B=max(_pow2(blocks), 2),
         )  # fmt: skip
     return loss, info, ratio, part_scale
 
@@ -217,7 +222,7 @@ def triplet_loss_bwd(
         triplet_grad_kernel[grid](
             embeddings, ratio, part_scale, grad_loss, grad,
             n, c, *embeddings.stride(), *grad.stride(),
-            BLOCK_B=GRAM_BLOCK, BLOCK_J=32 if n > 16 else 16, BLOCK_K=block_k, maxnreg=MAXNREG,
+            BLOCK_B=GRAM_BLOCK, BLOCK_J=32 if n > 16 else 16, BLOCK_K=block_k,
         )  # fmt: skip
     return grad
 
@@ -251,7 +256,10 @@ def _distance_config(n: int, m: int, native: bool) -> dict:
     registers); 16-bit inputs on the tensor cores (wgmma): 128 x 64, 8 warps (~122 registers)."""
     block_m = max(GRAM_BLOCK, min(_pow2(n), 128 if native else 64))
     block_n = max(GRAM_BLOCK, min(_pow2(m), 64))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, num_warps=8, num_stages=3, maxnreg=MAXNREG)
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, num_warps=8, num_stages=3)
+    if not native:
+        config["maxnreg"] = MAXNREG_DISTANCE_FP32
+    return config
 
 
 @torch.library.custom_op("fastgait::part_distance", mutates_args=())

@@ -207,10 +207,12 @@ def test_bad_impl_raises():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bins", [(64,), (1, 2, 4, 8, 16)])
-def test_bf16_at_training_shape_on_gpu(bins):
+@pytest.mark.parametrize(
+    "t, h, w, bins", [(10, 64, 22, (64,)), (10, 64, 22, (1, 2, 4, 8, 16)), (30, 16, 11, (1, 2, 4, 8, 16)), (7, 16, 11, (16,))]
+)
+def test_bf16_at_training_shape_on_gpu(t, h, w, bins):
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(128, 128, 10, 64, 22, device="cuda", generator=gen).relu().to(torch.bfloat16)
+    x = torch.randn(128, 128, t, h, w, device="cuda", generator=gen).relu().to(torch.bfloat16)
     x = x.to(memory_format=torch.channels_last_3d)
     p = torch.tensor([6.5], device="cuda")
     grad_out = torch.randn(128, 128, sum(bins), device="cuda", generator=gen).to(torch.bfloat16)

@@ -4,10 +4,11 @@ Providers: ``reference-eager`` (``impl="reference"``: max over frames, clamp, po
 strip, pow), ``reference-compiled``, ``triton`` (one pass over the input).
 
 Input: the last block's output, ``[n, c, t, h, w]`` bf16 channels-last-3d on a GPU (the model
-runs under autocast), one strip per row (``bins = (h,)``, as the models pool). Memory-bound: the
-floor is the bytes (read X once, write the strips; backward: read the saved frame max and its
-frame, write dX), the FLOPs (max over frames, then clamp, log, multiply, exp and a sum per
-element of the frame max) count elementwise work.
+runs under autocast), one strip per row (``bins = (h,)``, as the models pool: the row kernel
+writes the output itself, one launch), and one pyramid (bins 1..32: the row kernel, then the
+strip combine). Memory-bound: the floor is the bytes (read X once, write the strips; backward:
+read the saved frame max and its frame, write dX), the FLOPs (max over frames, then clamp, log,
+multiply, exp and a sum per element of the frame max) count elementwise work.
 """
 from __future__ import annotations
 
@@ -36,23 +37,30 @@ class GeMConfig:
     h: int
     w: int
     priority: int = h.PRIORITY["gem"]
+    bins: tuple = ()  # strips per bin; () means one strip per row (the models' GeMHPP)
+
+    @property
+    def strip_bins(self) -> tuple:
+        return self.bins or (self.h,)
 
     def shape(self) -> dict:
         shape = asdict(self)
         del shape["name"], shape["priority"]
-        return shape | {"bins": [self.h]}
+        return shape | {"bins": list(self.strip_bins)}
 
 
 PAPER = [
     GeMConfig("casia-b GaitMask 128x10x64x22", 128, 128, 10, 64, 22),  # after MLA-B: 2H = 64 rows
     GeMConfig("casia-b GaitGL 128x10x32x22", 128, 128, 10, 32, 22),
+    # Pyramid bins (GaitSet-style HPP) go through the row kernel and the strip combine.
+    GeMConfig("casia-b GaitMask 128x10x64x22 bins 1-32", 128, 128, 10, 64, 22, bins=(1, 2, 4, 8, 16, 32)),
     GeMConfig("oumvlp GaitMask 256x10x64x22", 256, 256, 10, 64, 22, priority=h.PRIORITY["oumvlp"]),
 ]
 SMOKE = [GeMConfig("tiny 8x3x8x6", 2, 8, 3, 8, 6)]
 
 
 def shrink(config: GeMConfig) -> GeMConfig:
-    return replace(config, n=2, c=8, t=3, h=8, w=6)
+    return replace(config, n=2, c=8, t=3, h=8, w=6, bins=tuple(b for b in config.bins if b <= 8))
 
 
 def cases(mode: h.Mode) -> list[h.Case]:
@@ -67,13 +75,14 @@ class GeMBench(h.OpBench):
         gen = torch.Generator(device=device).manual_seed(seed)
         x = torch.randn(config.n, config.t, config.h, config.w, config.c, generator=gen, device=device)
         x = F.leaky_relu(x, 0.01).to(dtype).permute(0, 4, 1, 2, 3)  # a block's output, channels innermost
-        grad_out = torch.randn(config.n, config.c, config.h, generator=gen, device=device).to(dtype)
+        strips = sum(config.strip_bins)
+        grad_out = torch.randn(config.n, config.c, strips, generator=gen, device=device).to(dtype)
         p = torch.full((1,), P_INIT, device=device)
         return {"x": x.requires_grad_(), "p": p.requires_grad_(), "grad_out": grad_out}
 
     def forward(self, bench, provider, config):
         def run(impl):
-            return lambda i: gem_hpp(i["x"], i["p"], (config.h,), impl=impl)
+            return lambda i: gem_hpp(i["x"], i["p"], config.strip_bins, impl=impl)
 
         if provider == "reference-compiled":
             return bench.compile(run("reference"), key=(OP, config.name, provider))
@@ -83,7 +92,7 @@ class GeMBench(h.OpBench):
         element = bench.mode.dtype.itemsize
         frames = config.n * config.c * config.t * config.h * config.w
         frame_max = config.n * config.c * config.h * config.w
-        strips = config.n * config.c * config.h * 4  # fp32
+        strips = config.n * config.c * sum(config.strip_bins) * 4  # fp32
         fwd = h.Work(flops=frames + 5 * frame_max, bytes=frames * element + strips, matrix="fp32")
         saved = frame_max * (element + 2)  # the frame max and its frame (int16)
         bwd = h.Work(flops=frames + 6 * frame_max, bytes=frames * element + saved + strips, matrix="fp32")

@@ -1,7 +1,8 @@
 """``triplet_loss`` (``kernels/triplet.py``): batch-all triplet loss, against its reference.
 
 Providers: ``reference-eager`` (``impl="reference"``: builds the ``[p, n, K, n - K]`` hinge
-terms), ``reference-compiled``, ``triton`` (distances and hinges in one kernel, O(p·n²) memory).
+terms), ``reference-compiled``, ``triton`` (forward: two launches, distances and hinges in one
+kernel that also ranks the labels, then a one-program finish; backward: one launch; O(p·n²) memory).
 
 Input: fp32 embeddings ``[n, c, p]`` as SeparateFCs leaves them (a permuted ``[p, n, c]``) and
 labels of P identities x K sequences, outside autocast (the trainer's loss). With ``n = P·K``:
@@ -71,6 +72,7 @@ class TripletBench(h.OpBench):
         gen = torch.Generator(device=device).manual_seed(seed)
         parts_first = torch.randn(config.parts, config.n, config.c, generator=gen, device=device)
         labels = torch.arange(config.identities, device=device).repeat_interleave(config.per_identity)
+        labels = labels[torch.randperm(config.n, generator=gen, device=device)]  # any order (ranked in-kernel)
         return {
             "embeddings": parts_first.permute(1, 2, 0).detach().requires_grad_(),  # [n, c, p] view
             "labels": labels,

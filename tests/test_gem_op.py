@@ -207,10 +207,12 @@ def test_bad_impl_raises():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bins", [(64,), (1, 2, 4, 8, 16)])
-def test_bf16_at_training_shape_on_gpu(bins):
+@pytest.mark.parametrize(
+    "t, h, w, bins", [(10, 64, 22, (64,)), (10, 64, 22, (1, 2, 4, 8, 16)), (30, 16, 11, (1, 2, 4, 8, 16)), (7, 16, 11, (16,))]
+)
+def test_bf16_at_training_shape_on_gpu(t, h, w, bins):
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(128, 128, 10, 64, 22, device="cuda", generator=gen).relu().to(torch.bfloat16)
+    x = torch.randn(128, 128, t, h, w, device="cuda", generator=gen).relu().to(torch.bfloat16)
     x = x.to(memory_format=torch.channels_last_3d)
     p = torch.tensor([6.5], device="cuda")
     grad_out = torch.randn(128, 128, sum(bins), device="cuda", generator=gen).to(torch.bfloat16)
@@ -219,3 +221,94 @@ def test_bf16_at_training_shape_on_gpu(bins):
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.bfloat16
     for name, actual, expected in zip(("out", "grad_x", "grad_p"), got, want):
         assert_close(actual.float(), expected, name=name, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------
+# The new tiling: several column tiles, frame unrolls, one-row strips, several seeds
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    "shape, bins",
+    [
+        ((2, 5, 10, 6, 22), (6,)),  # w = 22: three column tiles of 8 (24), t = 10: frames in steps of 5
+        ((2, 5, 10, 6, 22), (1, 2, 3, 6)),  # the same through the strip combine
+        ((1, 3, 7, 4, 11), (4,)),  # t = 7: steps of 4 with a masked tail frame; w = 11: tiles of 4
+        ((2, 130, 3, 3, 2), (1, 3)),  # c = 130: two channel blocks, the second almost empty
+    ],
+)
+def test_channels_last_tiles_and_bins(seed, shape, bins):
+    x = positive_input(shape, 100 + seed, zeros=0.2).to(memory_format=torch.channels_last_3d)
+    with poisoned_outputs():
+        _, grad_x, _ = check_against_reference(x, 6.5 - seed, bins)
+    assert grad_x.stride() == x.stride()
+
+
+def test_one_row_strips_contiguous_and_poisoned():
+    # bins = (h,): the row kernel writes the output itself (no strip combine).
+    x = positive_input((3, 4, 5, 7, 9), 21)
+    with poisoned_outputs():
+        check_against_reference(x, 4.5, (7,))
+        check_against_reference(x[:, :, 0], 4.5, (7,))  # 4-D
+
+
+# ----------------------------------------------------------------------------------------
+# Non-finite inputs and the domain of p
+# ----------------------------------------------------------------------------------------
+
+
+def nonfinite_results(fn, x, p_value, bins):
+    x = x.detach().requires_grad_()
+    p = torch.tensor([p_value], requires_grad=True)
+    out = fn(x, p, bins)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    grad_x, grad_p = torch.autograd.grad(out, (x, p), grad_out)
+    return out, grad_x, grad_p
+
+
+def assert_same_nonfinite(actual, expected, name):
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected)), f"{name}: NaN positions differ"
+    assert torch.equal(torch.isinf(actual), torch.isinf(expected)), f"{name}: inf positions differ"
+    finite = torch.isfinite(expected)
+    assert_close(actual[finite], expected[finite], name=name)
+
+
+@pytest.mark.parametrize("bins", [(1, 3, 6), (6,)])
+def test_nan_and_inf_inputs_propagate_like_the_reference(bins):
+    x = positive_input((2, 3, 4, 6, 5), 30)
+    x[0, 1, 2, 3, 1] = float("nan")  # one NaN frame value: its strips are NaN, as torch.max keeps NaN
+    x[1, 2, 1, 0, 4] = float("inf")  # +inf: its strips are +inf
+    x[1, 0, 0, 5, 0] = float("-inf")  # -inf clamps to eps: finite
+    got = nonfinite_results(triton_gem, x, 3.0, bins)
+    want = nonfinite_results(gem_hpp_reference, x, 3.0, bins)
+    assert torch.isnan(got[0]).any() and torch.isinf(got[0]).any()
+    for name, actual, expected in zip(("out", "grad_x", "grad_p"), got, want):
+        assert_same_nonfinite(actual, expected, name)
+    assert torch.isnan(got[2]).all(), "grad_p must be NaN when an output is NaN"
+
+
+@pytest.mark.parametrize("p_value", [-1.0, 0.0, float("nan"), float("inf")])
+def test_p_outside_the_domain(p_value):
+    x = positive_input((2, 3, 4, 6, 5), 31)
+    p = torch.tensor([p_value])
+    # CPU tensors: a clear error from every path.
+    for impl in ("triton", "reference", "auto"):
+        with pytest.raises(ValueError, match=r"gem_hpp: p must be finite and > 0"):
+            gem_hpp(x, p, (2,), impl=impl)
+    # Where the check would need a host sync (a GPU), the ops themselves answer NaN everywhere:
+    for bins in ([2], [6]):
+        out, _, _ = gem_hpp_fwd(x, p, bins, 1e-6, False)
+        assert torch.isnan(out).all(), f"fused op, p={p_value}, bins={bins}"
+        assert torch.isnan(gem_hpp_reference(x, p, bins)).all(), f"reference, p={p_value}"
+    x = x.requires_grad_()
+    out, frame_max, frame_arg = gem_hpp_fwd(x.detach(), p, [2], 1e-6, True)
+    grad_x, grad_p = gem_hpp_bwd(torch.ones_like(out), frame_max, frame_arg, out, p, [2], 1e-6, 4, [0, 1, 2, 3, 4])
+    assert torch.isnan(grad_p).all() and torch.isnan(grad_x).any()
+
+
+def test_p_check_does_not_break_compile():
+    # The CPU check reads p; under torch.compile tracing it is skipped (no graph break).
+    compiled = torch.compile(lambda x, p: gem_hpp(x, p, (2,), impl="triton"), fullgraph=True)
+    x = positive_input((1, 2, 3, 4, 2), 32)
+    assert_close(compiled(x, torch.tensor([3.0])), gem_hpp_reference(x, torch.tensor([3.0]), (2,)))

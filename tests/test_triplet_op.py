@@ -156,9 +156,10 @@ def test_poisoned_outputs_are_all_written():
 def test_opcheck():
     embeddings = grid_embeddings(10, 16, 2, 10).requires_grad_()
     labels = shuffled_pk(5, 2, 10)
-    torch.library.opcheck(triplet_loss_fwd, (embeddings, labels, 0.2))
-    _, _, dist, weight, part_scale, order = triplet_loss_fwd(embeddings.detach(), labels, 0.2)
-    bwd_args = (torch.tensor(1.0), embeddings.detach(), order, dist, weight, part_scale)
+    torch.library.opcheck(triplet_loss_fwd, (embeddings, labels, 0.2, True))
+    torch.library.opcheck(triplet_loss_fwd, (embeddings.detach(), labels, 0.2, False))
+    _, _, ratio, part_scale = triplet_loss_fwd(embeddings.detach(), labels, 0.2, True)
+    bwd_args = (torch.tensor(1.0), embeddings.detach(), ratio, part_scale)
     torch.library.opcheck(triplet_loss_bwd, bwd_args)
 
 
@@ -189,8 +190,10 @@ def test_auto_uses_the_reference_on_cpu():
         (torch.randn(4, 8, 2), torch.arange(5), 0.2, "5 labels for 4 embeddings"),
         (torch.randn(4, 8, 2), torch.arange(4).float(), 0.2, "dtype"),
         (torch.randn(4, 8, 2), torch.arange(4).view(2, 2), 0.2, "1-D"),
-        (torch.randn(4, 8, 2), torch.arange(4), -0.1, "margin must be >= 0"),
-        (torch.randn(4, 8, 2), torch.arange(4), float("nan"), "margin must be >= 0"),
+        (torch.randn(4, 8, 2), torch.arange(4), -0.1, "triplet_loss: margin must be a finite number >= 0"),
+        (torch.randn(4, 8, 2), torch.arange(4), float("nan"), "triplet_loss: margin must be a finite number >= 0"),
+        (torch.randn(4, 8, 2), torch.arange(4), float("inf"), "triplet_loss: margin must be a finite number >= 0"),
+        (torch.randn(300, 8, 2), torch.arange(300), 0.2, "at most 256 samples"),
         (torch.randn(0, 8, 2), torch.arange(0), 0.2, "empty"),
         (torch.ones(4, 8, 2, dtype=torch.int64), torch.arange(4), 0.2, "dtype"),
     ],
@@ -276,10 +279,112 @@ def test_bf16_at_training_shape_on_gpu(identities, per_identity, fp32_matmul):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-tensor-cores", "fp32-ieee"])
 @pytest.mark.parametrize("metric", ["euc", "cos"])
-def test_part_distance_bf16_on_gpu(metric, fp32_matmul):
+def test_part_distance_bf16_on_gpu(metric, dtype, fp32_matmul):
+    # fp32 inputs: IEEE fp32 dots (no TF32), so the evaluation distances match the fp32 reference.
     gen = torch.Generator(device="cuda").manual_seed(0)
-    probe = torch.randn(1000, 128, 64, device="cuda", generator=gen).to(torch.bfloat16)
-    gallery = torch.randn(64, 1200, 128, device="cuda", generator=gen).to(torch.bfloat16).permute(1, 2, 0)
+    probe = torch.randn(1000, 128, 64, device="cuda", generator=gen).to(dtype)
+    gallery = torch.randn(64, 1200, 128, device="cuda", generator=gen).to(dtype).permute(1, 2, 0)
     got = part_distance(probe, gallery, metric, impl="triton")
     assert_close(got, part_distance_reference(probe, gallery, metric), name=metric, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# Batch shapes like the trainer's (scaled down), label types and order, no-grad
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("identities, per_identity, seed", [(4, 16, 0), (16, 4, 1), (3, 16, 2), (9, 5, 3)])
+def test_pk_batches_any_label_order(identities, per_identity, seed):
+    # K = 16: one label per block of 16 anchors; K = 4 or 5: several labels per block, blocks that
+    # straddle identities; labels shuffled, fresh random (randn) embeddings in the SeparateFCs layout.
+    labels = shuffled_pk(identities, per_identity, seed)
+    n = len(labels)
+    gen = torch.Generator().manual_seed(seed)
+    embeddings = (torch.randn(3, n, 24, generator=gen) * 0.5).permute(1, 2, 0)
+    with poisoned_outputs():
+        check_against_reference(embeddings, labels, 0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_label_dtypes_and_strided_labels(dtype):
+    labels = shuffled_pk(4, 3, 17)
+    wide = torch.stack([labels, labels * 0 + 99], dim=1).reshape(-1)[::2]  # a strided view
+    assert not wide.is_contiguous()
+    check_against_reference(grid_embeddings(12, 16, 2, 17), wide.to(dtype), 0.3)
+
+
+def test_no_grad_saves_no_ratio():
+    embeddings, labels = grid_embeddings(10, 16, 2, 18), shuffled_pk(5, 2, 18)
+    with torch.no_grad():
+        loss, info = triplet_loss(embeddings.requires_grad_(), labels, 0.2, impl="triton")
+    ref_loss, ref_info = triplet_loss_reference(embeddings.detach(), labels, 0.2)
+    assert_close(loss, ref_loss, name="loss")
+    for key in INFO_KEYS:
+        assert_close(info[key], ref_info[key], name=key)
+    _, _, ratio, _ = triplet_loss_fwd(embeddings.detach(), labels, 0.2, False)
+    assert ratio.numel() == 0
+
+
+# ----------------------------------------------------------------------------------------
+# Non-finite embeddings: the loss must be NaN, in every path
+# ----------------------------------------------------------------------------------------
+
+
+def nan_results(fn, embeddings, labels, margin):
+    embeddings = embeddings.detach().requires_grad_()
+    loss, info = fn(embeddings, labels, margin)
+    (grad,) = torch.autograd.grad(loss, embeddings)
+    return loss, info, grad
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_nonfinite_embedding_gives_a_nan_loss(impl, bad):
+    embeddings = grid_embeddings(12, 16, 2, 19)
+    embeddings[5, 3, 1] = bad  # one value of one sample in part 1
+    labels = shuffled_pk(4, 3, 19)
+    loss, info, grad = nan_results(lambda e, y, m: triplet_loss(e, y, m, impl=impl), embeddings, labels, 0.2)
+    assert torch.isnan(loss) and torch.isnan(info["loss"]), f"{impl}: loss {loss.item()}"
+    assert not torch.isfinite(grad).all(), f"{impl}: the gradient must not be all finite"
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_nan_distance_with_no_active_triplet_is_nan(impl):
+    # Identities far apart and margin 0: no triplet is active, the loss would be 0; a NaN
+    # embedding must still give NaN, not "no active triplet".
+    labels = torch.arange(4).repeat_interleave(3)
+    centres = torch.arange(4.0).view(4, 1, 1).repeat_interleave(3, dim=0) * 8
+    embeddings = centres + (grid_embeddings(12, 8, 2, 6, layout="ncp") * 2).round() / 8
+    clean, _ = triplet_loss(embeddings, labels, 0.0, impl=impl)
+    assert clean.item() == 0.0
+    embeddings[7, 0, 0] = float("nan")
+    loss, info = triplet_loss(embeddings, labels, 0.0, impl=impl)
+    assert torch.isnan(loss), f"{impl}: {loss.item()}"
+    assert info["active_triplets"].item() == 0.0
+
+
+def test_nan_outside_every_triplet_leaves_the_loss_finite():
+    # One identity only: no negatives, no triplet uses any distance: loss 0 in both paths.
+    embeddings = grid_embeddings(4, 8, 2, 20)
+    embeddings[1, 0, 0] = float("nan")
+    labels = torch.zeros(4, dtype=torch.long)
+    for impl in ("triton", "reference"):
+        loss, _ = triplet_loss(embeddings, labels, 0.2, impl=impl)
+        assert loss.item() == 0.0, impl
+
+
+@pytest.mark.parametrize("metric", ["euc", "cos"])
+def test_part_distance_propagates_nan_and_inf(metric):
+    gen = torch.Generator().manual_seed(21)
+    probe = torch.randn(6, 20, 3, generator=gen)
+    gallery = torch.randn(7, 20, 3, generator=gen)
+    probe[2, 4, 1] = float("nan")
+    gallery[3, 0, 2] = float("inf")
+    got = part_distance(probe, gallery, metric, impl="triton")
+    want = part_distance_reference(probe, gallery, metric)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want)), "non-finite positions differ"
+    assert torch.isnan(got[2]).all() and not torch.isfinite(got[:, 3]).any()
+    finite = torch.isfinite(want)
+    assert_close(got[finite], want[finite], name=metric)

@@ -104,7 +104,9 @@ def gem_hpp_reference(x: torch.Tensor, p: torch.Tensor, bins: Sequence[int] = (6
     """GeM-HPP: ``x`` ``[n, c, h, w]`` (or ``[n, c, t, h, w]``: temporal max first) -> ``[n, c, sum(bins)]``.
 
     For each strip: ``(mean over its rows and columns of clamp(x, eps)^p)^(1/p)``; ``p`` is a
-    learnable tensor (one element).
+    learnable tensor (one element). GeM's domain is ``0 < p < inf``: outside it (``p <= 0``, NaN or
+    inf, where the formula is no longer a generalised mean) every output is NaN, decided on the
+    device (no host sync), so a diverged exponent shows up as a non-finite loss.
     """
     if x.dim() == 5:
         x = temporal_max(x)
@@ -114,7 +116,9 @@ def gem_hpp_reference(x: torch.Tensor, p: torch.Tensor, bins: Sequence[int] = (6
         for strip_count in bins
         for lo, hi in strip_bounds(x.shape[2], strip_count)
     ]
-    return torch.stack(strips, dim=-1).pow(1.0 / p)
+    out = torch.stack(strips, dim=-1).pow(1.0 / p)
+    p_valid = (p > 0) & torch.isfinite(p)
+    return torch.where(p_valid.reshape(()), out, torch.full_like(out, float("nan")))
 
 
 # ----------------------------------------------------------------------------------------
@@ -154,7 +158,7 @@ def triplet_loss_reference(
     For each part: ``L[i, j, k] = relu(D[i, j] - D[i, k] + margin)`` over anchors i, positives j
     (same label, i itself included) and negatives k; the part loss is
     ``sum(L) / (count(L > 0) + 1e-9)`` (0 with no active triplet); the loss is the mean over
-    parts. The hinge terms are built as ``[p, n, K, n - K]`` (padded where the number of
+    parts. A NaN distance in any triplet makes its part's loss NaN (it is not "inactive"). The hinge terms are built as ``[p, n, K, n - K]`` (padded where the number of
     positives differs between anchors), which is what the fused op avoids.
 
     Returns ``(loss, info)``; ``info`` holds detached scalars: ``loss``, ``active_triplets``
@@ -175,10 +179,13 @@ def triplet_loss_reference(
     anchor_neg = dist.gather(2, neg_index.expand(parts, -1, -1))  # [p, n, N]
 
     hinge = F.relu(anchor_pos.unsqueeze(3) - anchor_neg.unsqueeze(2) + margin)  # [p, n, K, N]
-    hinge = hinge * (pos_valid.unsqueeze(2) & neg_valid.unsqueeze(1))
+    valid = pos_valid.unsqueeze(2) & neg_valid.unsqueeze(1)  # padded slots are no triplets
+    hinge = torch.where(valid, hinge, torch.zeros_like(hinge))  # (where, not *: a padded NaN must not count)
     hinge_sum = hinge.sum(dim=(1, 2, 3))  # [p]
     active = (hinge > 0).sum(dim=(1, 2, 3)).float()  # [p]
-    part_loss = torch.where(active > 0, hinge_sum / (active + 1e-9), torch.zeros_like(hinge_sum))
+    # Without an active triplet the hinge sum is 0, or NaN when a triplet's distance is NaN: the
+    # part loss is that sum (0 or NaN), never a 0 that hides a broken model.
+    part_loss = torch.where(active > 0, hinge_sum / (active + 1e-9), hinge_sum)
     loss = part_loss.mean()
 
     info = {

@@ -4,12 +4,12 @@ Implementations:
 - ``"reference"``: the spec, ``fastgait.ops.reference``.
 - ``"torch"`` (``part_distance`` only): streams the probe set in chunks so
   ``[p, n_probe, n_gallery]`` is never built.
-- ``"triton"`` (``fastgait.kernels.triplet``): per part, the distance block and the hinge terms
-  in one kernel that accumulates hinge sums, active counts and the per-pair counts ``dL/dD``
-  needs, without building ``[p, n, K, n - K]``; one small single-program kernel reduces those
-  to the loss and the info values; the backward goes through the distances. Saved for
-  backward: distances and pair counts, ``[p, n, n]`` fp32 each (O(p n^2)), and the batch's
-  order by label.
+- ``"triton"`` (``fastgait.kernels.triplet``): forward = two launches: per (block of anchors,
+  part) the distance rows and the hinge terms, accumulating hinge sums, active counts and the
+  per-pair counts ``dL/dD`` needs (the batch is ranked by label inside the kernel: no sort, no
+  copy on the host), then one small single-program reduction to the loss and the info values.
+  Backward = one launch through the saved ``R = counts / D`` (``[p, n, n]`` fp32, O(p n^2),
+  saved only when a gradient is wanted).
   ``part_distance`` runs the same distance code with one accumulator over parts.
 
 Math in fp32 whatever the input dtype (the reference casts with ``.float()``). A sample's
@@ -17,17 +17,26 @@ distance to itself is exactly 0, as in the reference.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._nvtx import nvtx_range
 from . import _alloc
 from ._checks import check_tensor
-from ._dispatch import resolve_impl
+from ._dispatch import gpu_choices, resolve_impl
 from .reference import part_distance_reference, triplet_loss_reference
 
 METRICS = ("euc", "cos")
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 GRAM_BLOCK = 16  # rows per program / channels per step: tl.dot's smallest tile
+# Register caps (``maxnreg``) from the sweep in bench/aot_gem_triplet.py (sm_90a, Triton 3.6 and 3.9):
+# the kernels with IEEE fp32 dots compile without spills uncapped (a cap made ptxas spill), except
+# part_distance under 3.6 (uncapped it stopped at 128 and spilled; 160 does not); the rows kernel
+# on 16-bit tensor-core dots needs a cap of 192 (uncapped, one variant spilled 8 bytes at 128).
+MAXNREG_ROWS_NATIVE = 192
+MAXNREG_DISTANCE_FP32 = 160
+MAX_TRITON_BATCH = 256  # the rows kernel holds all n distance columns of a part in one tile (512: spills)
 
 
 def triplet_loss(
@@ -38,19 +47,31 @@ def triplet_loss(
     Returns ``(loss, info)``: the scalar loss (mean over parts; 0, not NaN, when no triplet is
     active) and detached ``info`` scalars ``loss``, ``active_triplets``, ``mean_pos_dist``,
     ``mean_neg_dist``. See ``fastgait.ops.reference.triplet_loss_reference`` for the math.
-    The Triton path accepts any float dtype and strides, computes in fp32 and returns an fp32 loss.
+    The loss is NaN when a distance that some triplet uses is NaN (a NaN or inf embedding), in
+    every path, so a broken model cannot hide behind "no active triplet".
+    The Triton path accepts any float dtype and strides, computes in fp32 and returns an fp32 loss;
+    it takes batches of up to ``MAX_TRITON_BATCH`` samples (``impl="auto"`` falls back to the
+    reference above that).
     """
     op = "triplet_loss"
     check_tensor(embeddings, "embeddings", op=op, ndim=(3,))
     check_tensor(labels, "labels", op=op, ndim=(1,), device=embeddings.device, dtypes=LABEL_DTYPES)
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"{op}: {labels.shape[0]} labels for {embeddings.shape[0]} embeddings")
-    if not margin >= 0:
-        raise ValueError(f"{op}: margin must be >= 0, got {margin}")
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"{op}: margin must be a finite number >= 0 (the hinge margin), got {margin!r}")
     path = resolve_impl(impl, embeddings.device, op=op, has_torch=False, has_triton=True)
+    if path == "triton" and embeddings.shape[0] > MAX_TRITON_BATCH:
+        if impl == "triton":
+            raise ValueError(
+                f"{op}: impl='triton' takes at most {MAX_TRITON_BATCH} samples per batch (all distance "
+                f"columns of a part sit in one tile), got {embeddings.shape[0]}; use impl='reference'"
+            )
+        path = "reference"
     if path == "reference":
         return triplet_loss_reference(embeddings, labels, margin)
-    loss, info, *_ = triplet_loss_fwd(embeddings, labels, float(margin))
+    need_grad = torch.is_grad_enabled() and embeddings.requires_grad
+    loss, info, *_ = triplet_loss_fwd(embeddings, labels.contiguous(), float(margin), need_grad)
     info = info.detach()
     return loss, {
         "loss": loss.detach(),
@@ -94,25 +115,49 @@ def part_distance(
 # ----------------------------------------------------------------------------------------
 
 
-def _gram_blocks(n: int, c: int) -> dict:
-    import triton
-
-    block_n = max(GRAM_BLOCK, triton.next_power_of_2(n))
-    # Keep the [BLOCK_N, BLOCK_K] column tile of the Gram product near 4096 elements.
-    block_k = max(GRAM_BLOCK, min(triton.next_power_of_2(c), 4096 // block_n))
-    return dict(BLOCK_A=GRAM_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_n <= 128 else 8)
+def _pow2(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
 
 
-def _triplet_outputs(embeddings: torch.Tensor):
+def _dot_native(t: torch.Tensor) -> bool:
+    """Tensor-core dots on 16-bit inputs on a GPU; fp32 inputs (and the interpreter) take IEEE fp32."""
+    return t.dtype in (torch.float16, torch.bfloat16) and gpu_choices(t.device)
+
+
+def _rows_config(n: int, c: int) -> dict:
+    """Tiles of ``triplet_rows_kernel``: all ``n`` columns in one tile (<= MAX_TRITON_BATCH), 16
+    anchors (tl.dot's smallest tile), channels per Gram step sized so the ``[BLOCK_N, BLOCK_K]``
+    operand stays near 4096 elements; checked for no spills on sm_90a (bench/aot_gem_triplet.py)."""
+    block_n = max(GRAM_BLOCK, _pow2(n))
+    block_k = max(GRAM_BLOCK, min(_pow2(c), 4096 // block_n))
+    return dict(BLOCK_A=GRAM_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=16, num_warps=4 if block_n <= 128 else 8)
+
+
+def _check_part_extent(op: str, **tensors: torch.Tensor) -> None:
+    """The kernels index one part with int32 offsets (the part base is int64): check that it fits."""
+    for name, t in tensors.items():
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[:2], t.stride()[:2]))
+        if extent >= 2**31:
+            raise ValueError(f"{op}: one part of {name} spans {extent} elements; impl='triton' needs < 2**31")
+
+
+def _channels_contiguous(embeddings: torch.Tensor) -> torch.Tensor:
+    """``embeddings`` with the channel dim contiguous (``[p, n, c]`` memory: SeparateFCs' own
+    layout, then no copy), so the kernels load 16-byte vectors along the channels; any other
+    layout is copied once (``n c p`` elements, small next to the ``p n^2`` work)."""
+    if embeddings.stride(1) == 1 or embeddings.shape[1] == 1:
+        return embeddings
+    return embeddings.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+
+
+def _triplet_outputs(embeddings: torch.Tensor, need_grad: bool):
     n, _, parts = embeddings.shape
     device = embeddings.device
     loss = _alloc.empty((), dtype=torch.float32, device=device)
     info = _alloc.empty(3, dtype=torch.float32, device=device)
-    dist = _alloc.empty(parts, n, n, dtype=torch.float32, device=device)
-    weight = _alloc.empty(parts, n, n, dtype=torch.float32, device=device)
+    ratio = _alloc.empty(*((parts, n, n) if need_grad else (0,)), dtype=torch.float32, device=device)
     part_scale = _alloc.empty(parts, dtype=torch.float32, device=device)
-    order = _alloc.empty(n, dtype=torch.int64, device=device)
-    return loss, info, dist, weight, part_scale, order
+    return loss, info, ratio, part_scale
 
 
 def _grad_output(embeddings: torch.Tensor) -> torch.Tensor:
@@ -121,90 +166,100 @@ def _grad_output(embeddings: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("fastgait::triplet_loss_fwd", mutates_args=())
 def triplet_loss_fwd(
-    embeddings: torch.Tensor, labels: torch.Tensor, margin: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused forward: ``(loss, info [active_triplets, mean_pos_dist, mean_neg_dist], dist [p, n, n],
-    pair_weight [p, n, n], part_scale [p], order [n])``; the last four feed the backward (the pair
-    tensors are indexed by position in ``order``, the stable sort of the batch by label)."""
+    embeddings: torch.Tensor, labels: torch.Tensor, margin: float, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward: ``(loss, info [active_triplets, mean_pos_dist, mean_neg_dist], ratio [p, n, n],
+    part_scale [p])``. ``ratio`` (the active counts over the distances, sample order) is what the
+    backward needs; it is empty without ``need_grad``. Two launches, nothing else on the host."""
     import triton
 
-    from fastgait.kernels.triplet import triplet_finish_kernel, triplet_fwd_kernel
+    from fastgait.kernels.triplet import triplet_finish_kernel, triplet_rows_kernel
 
     with nvtx_range("triplet_loss.forward"):
-        loss, info, dist, weight, part_scale, order = _triplet_outputs(embeddings)
+        loss, info, ratio, part_scale = _triplet_outputs(embeddings, need_grad)
+        embeddings = _channels_contiguous(embeddings)
+        _check_part_extent("triplet_loss", embeddings=embeddings)
         n, c, parts = embeddings.shape
-        sorted_labels, sort_order = torch.sort(labels.to(torch.int64), stable=True)
-        order.copy_(sort_order)
-        row_stats = _alloc.empty(3, parts, n, dtype=torch.float32, device=embeddings.device)
-        row_active = _alloc.empty(parts, n, dtype=torch.int32, device=embeddings.device)
-        row_pairs = _alloc.empty(2, n, dtype=torch.int32, device=embeddings.device)
-        blocks = _gram_blocks(n, c)
-        grid = (triton.cdiv(n, blocks["BLOCK_A"]), parts)
-        triplet_fwd_kernel[grid](
-            embeddings, order, sorted_labels,
-            dist, weight, row_stats, row_active, row_pairs,
+        config = _rows_config(n, c)
+        native = _dot_native(embeddings)
+        if native:
+            config["maxnreg"] = MAXNREG_ROWS_NATIVE
+        blocks = triton.cdiv(n, config["BLOCK_A"])
+        stats = _alloc.empty(3, parts, blocks, dtype=torch.float32, device=embeddings.device)
+        counts = _alloc.empty(parts + 2, blocks, dtype=torch.int32, device=embeddings.device)
+        triplet_rows_kernel[(blocks, parts)](
+            embeddings, labels, ratio if need_grad else stats, stats, counts,
             n, c, parts, *embeddings.stride(), margin,
-            **blocks,
+            SAVE_R=need_grad, DOT_NATIVE=native, **config,
         )  # fmt: skip
-        block_p = triton.next_power_of_2(parts)
         triplet_finish_kernel[(1,)](
-            row_stats, row_active, row_pairs, loss, info, part_scale, n, parts,
-            BLOCK_P=block_p, BLOCK_N=max(1, min(blocks["BLOCK_N"], 4096 // block_p)),
+            stats, counts, loss, info, part_scale, parts, blocks,
+            BLOCK_P=min(_pow2(parts), 64), BLOCK_B=max(_pow2(blocks), 2),
         )  # fmt: skip
-    return loss, info, dist, weight, part_scale, order
+    return loss, info, ratio, part_scale
 
 
 @triplet_loss_fwd.register_fake
-def _(embeddings, labels, margin):
-    return _triplet_outputs(embeddings)
+def _(embeddings, labels, margin, need_grad):
+    return _triplet_outputs(embeddings, need_grad)
 
 
 @torch.library.custom_op("fastgait::triplet_loss_bwd", mutates_args=())
 def triplet_loss_bwd(
-    grad_loss: torch.Tensor,
-    embeddings: torch.Tensor,
-    order: torch.Tensor,
-    dist: torch.Tensor,
-    weight: torch.Tensor,
-    part_scale: torch.Tensor,
+    grad_loss: torch.Tensor, embeddings: torch.Tensor, ratio: torch.Tensor, part_scale: torch.Tensor
 ) -> torch.Tensor:
-    """Fused backward: ``d loss / d embeddings`` (the embeddings' dtype and layout)."""
+    """Fused backward: ``d loss / d embeddings`` (the embeddings' dtype and layout); one launch."""
     import triton
 
-    from fastgait.kernels.triplet import triplet_bwd_kernel
+    from fastgait.kernels.triplet import triplet_grad_kernel
 
     with nvtx_range("triplet_loss.backward"):
-        grad = _grad_output(embeddings)
+        grad = _grad_output(embeddings)  # in the embeddings' own layout
+        embeddings = _channels_contiguous(embeddings)
         n, c, parts = embeddings.shape
-        block_k = max(GRAM_BLOCK, min(triton.next_power_of_2(c), 64))
-        block_j = max(GRAM_BLOCK, min(triton.next_power_of_2(n), 64))
+        block_k = max(GRAM_BLOCK, min(_pow2(c), 64))
         grid = (triton.cdiv(n, GRAM_BLOCK), parts)
-        triplet_bwd_kernel[grid](
-            embeddings, order, dist, weight, part_scale, grad_loss, grad,
+        triplet_grad_kernel[grid](
+            embeddings, ratio, part_scale, grad_loss, grad,
             n, c, *embeddings.stride(), *grad.stride(),
-            BLOCK_A=GRAM_BLOCK, BLOCK_J=block_j, BLOCK_K=block_k,
+            BLOCK_B=GRAM_BLOCK, BLOCK_J=32 if n > 16 else 16, BLOCK_K=block_k,
         )  # fmt: skip
     return grad
 
 
 @triplet_loss_bwd.register_fake
-def _(grad_loss, embeddings, order, dist, weight, part_scale):
+def _(grad_loss, embeddings, ratio, part_scale):
     return _grad_output(embeddings)
 
 
 def _triplet_setup_context(ctx, inputs, output):
-    embeddings, _, _ = inputs
-    _, info, dist, weight, part_scale, order = output
-    ctx.mark_non_differentiable(info, dist, weight, part_scale, order)
-    ctx.save_for_backward(embeddings, order, dist, weight, part_scale)
+    embeddings, _, _, need_grad = inputs
+    _, info, ratio, part_scale = output
+    ctx.need_grad = need_grad
+    ctx.mark_non_differentiable(info, ratio, part_scale)
+    ctx.save_for_backward(embeddings, ratio, part_scale)
 
 
 def _triplet_backward(ctx, grad_loss, *_unused):
-    embeddings, order, dist, weight, part_scale = ctx.saved_tensors
-    return triplet_loss_bwd(grad_loss, embeddings, order, dist, weight, part_scale), None, None
+    embeddings, ratio, part_scale = ctx.saved_tensors
+    if not ctx.need_grad:
+        raise RuntimeError("triplet_loss: the forward ran with need_grad=False; it cannot be differentiated")
+    return triplet_loss_bwd(grad_loss, embeddings, ratio, part_scale), None, None, None
 
 
 triplet_loss_fwd.register_autograd(_triplet_backward, setup_context=_triplet_setup_context)
+
+
+def _distance_config(n: int, m: int, native: bool) -> dict:
+    """Tiles of ``part_distance_kernel`` (checked for no spills on sm_90a, bench/aot_gem_triplet.py):
+    fp32 (IEEE dots on the CUDA cores): 64 x 64 outputs, 32 channels per step, 8 warps (128
+    registers); 16-bit inputs on the tensor cores (wgmma): 128 x 64, 8 warps (~122 registers)."""
+    block_m = max(GRAM_BLOCK, min(_pow2(n), 128 if native else 64))
+    block_n = max(GRAM_BLOCK, min(_pow2(m), 64))
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32, num_warps=8, num_stages=3)
+    if not native:
+        config["maxnreg"] = MAXNREG_DISTANCE_FP32
+    return config
 
 
 @torch.library.custom_op("fastgait::part_distance", mutates_args=())
@@ -218,13 +273,21 @@ def part_distance_fwd(probe: torch.Tensor, gallery: torch.Tensor, cosine: bool) 
         out = _distance_output(probe, gallery)
         n, c, parts = probe.shape
         m = gallery.shape[0]
-        block_m = max(GRAM_BLOCK, min(triton.next_power_of_2(n), 64))
-        block_n = max(GRAM_BLOCK, min(triton.next_power_of_2(m), 64))
-        block_k = max(GRAM_BLOCK, min(triton.next_power_of_2(c), 32))
-        grid = (triton.cdiv(n, block_m), triton.cdiv(m, block_n))
+        native = _dot_native(probe)
+        config = _distance_config(n, m, native)
+        grid = (triton.cdiv(n, config["BLOCK_M"]), triton.cdiv(m, config["BLOCK_N"]))
+        # Channels contiguous (``[p, n, c]`` memory, SeparateFCs' own layout: then no copy), so the
+        # Gram tiles load 16 bytes per thread instead of one element per address.
+        probe_pnc = probe.permute(2, 0, 1).contiguous()
+        gallery_pnc = gallery.permute(2, 0, 1).contiguous()
+        _check_part_extent("part_distance", probe=probe_pnc.permute(1, 2, 0), gallery=gallery_pnc.permute(1, 2, 0))
+        if config["BLOCK_M"] * m >= 2**31:
+            raise ValueError(f"part_distance: a gallery of {m} samples is too large for impl='triton'; use impl='torch'")
         part_distance_kernel[grid](
-            probe, gallery, out, n, m, c, parts, *probe.stride(), *gallery.stride(),
-            COSINE=cosine, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            probe_pnc, gallery_pnc, out, n, m, c, parts,
+            probe_pnc.stride(1), probe_pnc.stride(2), probe_pnc.stride(0),
+            gallery_pnc.stride(1), gallery_pnc.stride(2), gallery_pnc.stride(0),
+            COSINE=cosine, DOT_NATIVE=native, **config,
         )  # fmt: skip
     return out
 

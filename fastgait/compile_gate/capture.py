@@ -240,6 +240,8 @@ def _mla_design(design: Optional[str]) -> Iterator[None]:
 
 def _run(scenario: Scenario, config: dict, model: torch.nn.Module) -> None:
     """Forward (+ loss and backward) of ``model`` on fake inputs; called under the fake mode."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
     from fastgait.nn import CrossEntropyLoss, TripletLoss
     from fastgait.ops import part_distance
 
@@ -267,7 +269,13 @@ def _run(scenario: Scenario, config: dict, model: torch.nn.Module) -> None:
             part_distance(probe, gallery, "cos")
             return
         labels = torch.arange(int(train["P"])).repeat_interleave(int(train["K"]))
-        loss, _ = TripletLoss(float(config["loss"]["margin"]))(embeddings.float(), labels)
+        try:
+            loss, _ = TripletLoss(float(config["loss"]["margin"]))(embeddings.float(), labels)
+        except DataDependentOutputException:
+            # A path that reads values on the host (the reference triplet loss, which the fused op
+            # falls back to above its batch limit) cannot run on fake tensors and launches no
+            # kernel: a stand-in loss carries the backward through the model.
+            loss = embeddings.float().square().mean()
         if logits is not None:
             ce, _ = CrossEntropyLoss()(logits, labels)
             loss = loss + ce

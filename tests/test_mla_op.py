@@ -229,6 +229,7 @@ def bad_call(impl="triton", **changes):
         (dict(band_start=torch.tensor([1])), ValueError, "1 entries for a batch of 2"),
         (dict(band_start=torch.tensor([0.0, 1.0])), TypeError, "band_start has dtype"),
         (dict(band_height=8), ValueError, "band_height=8"),
+        (dict(band_height=-1), ValueError, "band_height=-1"),
         (dict(weight_local=torch.randn(4, 3, 3, 3, 3, device="meta")), ValueError, "is on meta"),
         (dict(band_start=torch.tensor([0, 1], device="meta")), ValueError, "is on meta"),
         (dict(fuse="mul"), ValueError, "fuse must be one of"),
@@ -237,6 +238,15 @@ def bad_call(impl="triton", **changes):
 def test_bad_inputs_raise_clear_errors(changes, error, match):
     with pytest.raises(error, match=match):
         bad_call(**changes)
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("band_height", [2.5, True, 2.0, "2"])
+def test_band_height_must_be_an_int_on_every_path(impl, band_height):
+    """A float, bool or string band height is refused the same way on every path (a float used
+    to give three different results on three paths, and True was taken as one row)."""
+    with pytest.raises(TypeError, match="band_height must be an int"):
+        bad_call(impl=impl, band_height=band_height)
 
 
 def test_bad_design_and_dtype_for_triton():

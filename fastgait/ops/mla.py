@@ -15,6 +15,7 @@ Implementations:
 from __future__ import annotations
 
 import functools
+import numbers
 from contextlib import nullcontext
 from typing import Optional
 
@@ -136,7 +137,12 @@ def _check_inputs(x, weight_global, weight_local, band_start, band_height, fuse)
     if fuse not in FUSES:
         raise ValueError(f"{OP}: fuse must be one of {FUSES}, got {fuse!r}")
     height = x.shape[3]
-    if not 0 <= int(band_height) <= height:
+    if isinstance(band_height, bool) or not isinstance(band_height, numbers.Integral):
+        raise TypeError(
+            f"{OP}: band_height must be an int (rows in the band), got {band_height!r} "
+            f"({type(band_height).__name__}); use fastgait.ops.band_height(h, drop_ratio)"
+        )
+    if not 0 <= band_height <= height:
         raise ValueError(f"{OP}: band_height={band_height} must lie in [0, h={height}]")
     if band_start is None:
         return
@@ -268,27 +274,35 @@ def _block(size: int, low: int, high: int) -> int:
     return max(low, min(high, 1 << max(size - 1, 0).bit_length()))
 
 
-def _launch_configs(device: torch.device, c_in: int, c_out: int, c_pre: int, row_len: int) -> dict:
+def _launch_configs(
+    device: torch.device, c_in: int, c_out: int, c_pre: int, row_len: int, channels_last: bool = True
+) -> dict:
     """Block sizes and warps per kernel.
 
-    GPU: chosen so that each kernel compiles for sm_90 without register spills (checked with
-    Triton 3.9's ptxas, bf16); untuned otherwise: time them with ``pytest bench --benchmark``.
+    GPU: every ``tl.dot`` tile is 128 x 64 (or larger) over 8 warps, so that sm_90 runs it as
+    wgmma with 64-row tiles per warpgroup; the forward GEMM's dot spans both branches (its
+    ``BLOCK_N`` output channels are ``2*BLOCK_N`` pack columns). Checked to compile for sm_90a
+    with Triton 3.6 and 3.9 (``python -m bench.compile_conv``); untuned otherwise: time them with
+    ``pytest bench --benchmark``.
     Interpreter: large blocks, because its cost is per operation, not per element.
     """
     gpu = gpu_choices(device)
 
-    def block(size, gpu_cap, interpreter_cap):
-        return _block(size, 16, gpu_cap if gpu else interpreter_cap)
+    def block(size, gpu_cap, interpreter_cap, low=16):
+        return _block(size, low, gpu_cap if gpu else interpreter_cap)
 
-    flat = 64 if gpu else 128  # positions per program of the flat kernels
-    row = block(row_len, 64, 128)  # positions (t, w) per program of the per-row kernels
+    flat = 128  # positions per program of the per-sample kernels
+    row = block(row_len, 128, 128, low=64 if gpu else 16)  # positions (t, w) per program of the per-row kernels
+    gemm_n = 64 if c_pre == c_out and channels_last else 32  # with a global weight the dot is 2 * 32 columns wide
     return {
-        "gemm": dict(BLOCK_M=flat, BLOCK_N=block(c_out, 32, 16), BLOCK_K=block(9 * c_in, 32, 64), num_warps=8),
-        "dgrad": dict(BLOCK_M=flat, BLOCK_N=block(c_in, 64, 16), BLOCK_K=block(9 * c_pre, 32, 64), num_warps=8),
-        "p0": dict(BLOCK_M=row, BLOCK_N=block(c_out, 32, 16), BLOCK_K=block(9 * c_in, 32, 64), num_warps=4),
-        "delta_dgrad": dict(BLOCK_M=row, BLOCK_N=block(c_in, 64, 16), BLOCK_K=block(9 * c_out, 32, 64), num_warps=8),
-        "elementwise": dict(BLOCK_M=flat, BLOCK_N=block(c_out, 32, 16), num_warps=8),
-        "wgrad": dict(BLOCK_M=64 if gpu else 256, BLOCK_O=_block(c_pre, 16, 64), num_warps=8),
+        # Without channels-last the A tiles are gathers strided in K: a 64-wide K block spills there.
+        "gemm": dict(BLOCK_M=flat, BLOCK_N=block(c_out, gemm_n, 16), BLOCK_K=block(9 * c_in, 64 if channels_last else 32, 64),
+                     num_warps=8),
+        "dgrad": dict(BLOCK_M=flat, BLOCK_N=block(c_in, 64, 16), BLOCK_K=block(9 * c_pre, 64, 64), num_warps=8),
+        "p0": dict(BLOCK_M=row, BLOCK_N=block(c_out, 64, 16), BLOCK_K=block(9 * c_in, 64, 64), num_warps=8),
+        "delta_dgrad": dict(BLOCK_M=row, BLOCK_N=block(c_in, 64, 16), BLOCK_K=block(9 * c_out, 64, 64), num_warps=8),
+        "elementwise": dict(BLOCK_M=64 if gpu else 128, BLOCK_N=block(c_out, 32, 16), num_warps=4 if gpu else 8),
+        "wgrad": dict(BLOCK_M=64 if gpu else 256, BLOCK_O=_block(c_pre, 16, 128), num_warps=8),
     }
 
 
@@ -354,6 +368,13 @@ def _slot_rows(x, c, dtype=None):
     return _alloc.empty(n, 4, t, w, c, dtype=dtype or x.dtype, device=x.device)
 
 
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors to fill (an H100/H200's 132 where there is no CUDA device, e.g. under the compile gate)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 def _wgrad(x, grad, grad_strides, c_grad, slots, band_start, band_rows, config):
     """fp32 ``[c_grad, c_in, 3, 3, 3]``: ``sum grad[p, o] * x[p + tap, c]`` over ``(n, slot, t, w)``.
 
@@ -361,24 +382,31 @@ def _wgrad(x, grad, grad_strides, c_grad, slots, band_start, band_rows, config):
     are boundary slots and X is read through the band mask (the delta term).
     """
     n, c_in, t, h, w = x.shape
-    positions = n * slots * t * w
     block_k = _block(27 * c_in, 16, 64 if gpu_choices(x.device) else 128)
     tiles = _cdiv(c_grad, config["BLOCK_O"]) * _cdiv(27 * c_in, block_k)
-    blocks = _cdiv(positions, config["BLOCK_M"])
+    reductions = n * slots * _cdiv(t * w, config["BLOCK_M"])  # position tiles, each within one (n, slot) row
     if gpu_choices(x.device):  # split the reduction until the GPU is busy; partial sums keep it deterministic
-        wanted = _cdiv(4 * torch.cuda.get_device_properties(x.device).multi_processor_count, tiles)
+        wanted = _cdiv(4 * _sm_count(x.device), tiles)
     else:  # the interpreter: two splits keep the partial-sum path exercised
         wanted = 2
-    splits = max(1, min(blocks, wanted, 64))
-    per_split = _cdiv(blocks, splits) * config["BLOCK_M"]
-    splits = _cdiv(positions, per_split)
+    splits = max(1, min(reductions, wanted, 64))
+    per_split = _cdiv(reductions, splits)
+    splits = _cdiv(reductions, per_split)
     partial = _alloc.empty(splits, c_grad, 27 * c_in, dtype=torch.float32, device=x.device)
     band = band_start if band_start is not None else partial
     _kernels().conv3x3x3_wgrad_kernel[(tiles, splits)](
-        x, grad, band, partial, positions, per_split, slots, t, h, w, c_in, c_grad,
+        x, grad, band, partial, reductions, per_split, slots, t, h, w, c_in, c_grad,
         *x.stride(), *grad_strides, band_rows, BAND_EDGES=band_start is not None, BLOCK_K=block_k, **config,
     )  # fmt: skip
     return partial.sum(0).view(c_grad, 3, 3, 3, c_in).permute(0, 4, 1, 2, 3)
+
+
+def _interleaved(weight_global: Optional[torch.Tensor], weight_local: torch.Tensor) -> torch.Tensor:
+    """The GEMM forward's stacked weight: output channel ``2*o + b`` is branch ``b`` (0 global, 1 local)
+    of channel ``o``, so one dot over contiguous pack columns yields both branches of a channel block."""
+    if weight_global is None:
+        return weight_local
+    return torch.stack([weight_global, weight_local], dim=1).flatten(0, 1)
 
 
 def _forward(x, weight_global, weight_local, band_start, band_rows, fuse, negative_slope, design):
@@ -390,16 +418,17 @@ def _forward(x, weight_global, weight_local, band_start, band_rows, fuse, negati
     has_band = _has_band(band_start, band_rows, h)
     fuse_concat = has_global and fuse == "concat"
     weight = _stacked(weight_global, weight_local)
-    configs = _launch_configs(x.device, c_in, c_out, weight.shape[0], t * w)
+    configs = _launch_configs(x.device, c_in, c_out, weight.shape[0], t * w, x.stride(1) == 1)
     y, gates = _forward_outputs(x, c_out, weight.shape[0], fuse_concat)
     _check_sample_extent(x=x, y=y)
     band = band_start if has_band else gates  # a placeholder pointer when there is no band
     flags = dict(HAS_GLOBAL=has_global, HAS_BAND=has_band, FUSE_CONCAT=fuse_concat)
-    positions = n * t * h * w
+    plane = t * h * w  # positions per sample
     if design == "gemm":
         config = configs["gemm"]
-        kernels.mla_forward_gemm_kernel[(_cdiv(positions, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]))](
-            x, _forward_pack(weight), band, y, gates, positions, t, h, w, c_in, c_out,
+        grid = (_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)
+        kernels.mla_forward_gemm_kernel[grid](
+            x, _forward_pack(_interleaved(weight_global, weight_local)), band, y, gates, t, h, w, c_in, c_out,
             *x.stride(), *y.stride(), *gates.stride(), band_rows, negative_slope, **flags, **config,
         )  # fmt: skip
         return y, gates
@@ -414,8 +443,8 @@ def _forward(x, weight_global, weight_local, band_start, band_rows, fuse, negati
             *x.stride(), *p0_rows.stride(), band_rows, **config,
         )  # fmt: skip
     config = configs["elementwise"]
-    kernels.mla_epilogue_kernel[(_cdiv(positions, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]))](
-        pre, p0_rows, band, y, gates, positions, t, h, w, c_out,
+    kernels.mla_epilogue_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)](
+        pre, p0_rows, band, y, gates, t, h, w, c_out,
         *pre.stride(), *p0_rows.stride(), *y.stride(), *gates.stride(), band_rows, negative_slope,
         **flags, **config,
     )  # fmt: skip
@@ -432,15 +461,15 @@ def _backward(grad_y, x, weight_global, weight_local, band_start, gates, band_ro
     weight = _stacked(weight_global, weight_local)
     c_pre = weight.shape[0]
     configs = _launch_configs(x.device, c_in, c_out, c_pre, t * w)
-    positions = n * t * h * w
+    plane = t * h * w  # positions per sample
     _check_sample_extent(grad_y=grad_y)
 
     # gpre = [g_G a'(G); g_L a'(F')], and delta = g_L (a'(P0) - a'(F - P0)) on the boundary slots.
     gpre = _empty_activation(n, c_pre, t, h, w, like=x)
     delta = _slot_rows(x, c_out) if has_band else gates
     config = configs["elementwise"]
-    kernels.mla_gated_grad_kernel[(_cdiv(positions, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]))](
-        grad_y, gates, band_start if has_band else gates, gpre, delta, positions, t, h, w, c_out,
+    kernels.mla_gated_grad_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)](
+        grad_y, gates, band_start if has_band else gates, gpre, delta, t, h, w, c_out,
         *grad_y.stride(), *gates.stride(), *gpre.stride(), *delta.stride(), band_rows, negative_slope,
         HAS_GLOBAL=has_global, HAS_BAND=has_band, FUSE_CONCAT=has_global and fuse == "concat", **config,
     )  # fmt: skip
@@ -448,8 +477,8 @@ def _backward(grad_y, x, weight_global, weight_local, band_start, gates, band_ro
     if design == "gemm":
         dx = _empty_activation(n, c_in, t, h, w, like=x)
         config = configs["dgrad"]
-        kernels.conv3x3x3_kernel[(_cdiv(positions, config["BLOCK_M"]), _cdiv(c_in, config["BLOCK_N"]))](
-            gpre, _dgrad_pack(weight), dx, positions, t, h, w, c_pre, c_in, *gpre.stride(), *dx.stride(), **config
+        kernels.conv3x3x3_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_in, config["BLOCK_N"]), n)](
+            gpre, _dgrad_pack(weight), dx, t, h, w, c_pre, c_in, *gpre.stride(), *dx.stride(), **config
         )
         dweight = _wgrad(x, gpre, gpre.stride(), c_pre, h, None, band_rows, configs["wgrad"])
     else:

@@ -138,40 +138,45 @@ def meta_input(n, c, t, h, w, dtype, layout):
     return torch.empty(n, c, t, h, w, dtype=dtype, device="meta")
 
 
-# CASIA-B, batch 8 x 16 = 128 clips, 10 frames after the temporal stem (blocks.md §2.3, §4).
-SHAPES = {
-    "mla": [("A 32-64 64x44", 32, 64, 64, 44, "add"), ("A 64-128 32x22", 64, 128, 32, 22, "add"),
-            ("B 128-128 32x22", 128, 128, 32, 22, "concat")],
-}
+# CASIA-B, batch 8 x 16 = 128 clips, 10 frames after the temporal stem (blocks.md §2.3, §4):
+# (name, c_in, c_out, h, w, fuse). GaitMask's MLA blocks cut at a band of floor(0.4*h) rows;
+# GaitGL's GL blocks (halving 3) at the borders of 8 strips (8 rows at 64, 4 at 32).
+SHAPES = [("A 32-64 64x44", 32, 64, 64, 44, "add"), ("A 64-128 32x22", 64, 128, 32, 22, "add"),
+          ("B 128-128 32x22", 128, 128, 32, 22, "concat")]
 BATCH, FRAMES = 128, 10
 
 
 def record_launches(op, dtype, layout, make_input, recording, quick=False):
     """Yield ``(shape name, launches)``: every kernel launch of one forward and backward (both
-    designs, training and evaluation) of ``op`` at each shape."""
+    designs; training, evaluation and local-only for MLA) of ``op`` at each shape."""
     from fastgait.ops import _dispatch
-    import fastgait.ops.mla as mla
+    from fastgait.ops import conv_engine as engine
 
-    shapes = SHAPES[op][:1] if quick else SHAPES[op]
-    for name, c_in, c_out, h, w, fuse in shapes:
-        with _dispatch.force_gpu_choices(), recording([(mla, "_kernels")]) as launches:
+    for name, c_in, c_out, h, w, fuse in SHAPES[:1] if quick else SHAPES:
+        with _dispatch.force_gpu_choices(), recording([(engine, "_kernels")]) as launches:
             x = make_input(BATCH, c_in, FRAMES, h, w, dtype, layout)
             weight = torch.empty(c_out, c_in, 3, 3, 3, dtype=dtype, device="meta")
             band = torch.empty(BATCH, dtype=torch.int64, device="meta")
-            rows = int(0.4 * h)
-            for design in mla.DESIGNS:
-                for band_start, glob in ((band, weight), (None, weight), (band, None)):
-                    y, gates = mla._forward(x, glob, weight, band_start, rows, fuse, 0.01, design)
-                    grad = torch.empty_like(y)
-                    mla._backward(grad, x, glob, weight, band_start, gates, rows, fuse, 0.01, design)
-        yield name, launches
+            if op == "mla":
+                variants = [(engine.Cuts("band", int(0.4 * h), band), weight, "pair"),
+                            (engine.Cuts("band", 0, None), weight, "pair"),
+                            (engine.Cuts("band", int(0.4 * h), band), None, "pair")]
+            elif op == "gl":
+                variants = [(engine.Cuts("strips", h // 8), weight, "rest")]
+            else:
+                raise ValueError(f"unknown op {op!r}")
+            for design in engine.DESIGNS:
+                for cuts, glob, terms in variants:
+                    y, gates = engine._forward(x, glob, weight, cuts, fuse, terms, 0.01, design)
+                    engine._backward(torch.empty_like(y), x, glob, weight, cuts, gates, fuse, terms, 0.01, design)
+        yield f"{op} {name}", launches
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--layouts", default="cl,contiguous")
-    parser.add_argument("--ops", default="mla")
+    parser.add_argument("--ops", default="mla,gl")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--filter", default="")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""``mla_conv3d`` (``kernels/mla.py``): the fused MLA block against its reference.
+"""``mla_conv3d`` (``kernels/conv_engine.py``, the row-cut engine): the fused MLA block against its reference.
 
 Providers: ``reference-eager`` (``impl="reference"``: three cuDNN convolutions on masked copies,
 under bf16 autocast with channels-last-3d inputs, the fair baseline of fused_ops.md §1),

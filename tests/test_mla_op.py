@@ -170,12 +170,12 @@ def test_every_output_element_is_written(design):
 def test_opcheck(design, case_name):
     case = CASES[case_name]
     x, weight_global, weight_local, band_start = make_inputs(case)
-    args = (x, weight_global, weight_local, band_start, case.band_rows, case.fuse, 0.01, design)
-    torch.library.opcheck(torch.ops.fastgait.mla_conv3d.default, args)
-    y, gates = torch.ops.fastgait.mla_conv3d(*args)
+    args = (x, weight_global, weight_local, band_start, "band", case.band_rows, case.fuse, "pair", 0.01, design)
+    torch.library.opcheck(torch.ops.fastgait.cut_conv3d.default, args)
+    y, gates = torch.ops.fastgait.cut_conv3d(*args)
     inputs = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:4]]
     torch.library.opcheck(
-        torch.ops.fastgait.mla_conv3d_backward.default, (torch.randn_like(y), *inputs, gates, *args[4:])
+        torch.ops.fastgait.cut_conv3d_backward.default, (torch.randn_like(y), *inputs, gates, *args[4:])
     )
 
 

@@ -1,36 +1,57 @@
-"""Triton kernels of the fused MLA op (fused_ops.md §1; the launchers live in ``fastgait.ops.mla``).
+"""Triton kernels of the row-cut convolution engine (fused_ops.md §1–2; launchers: ``fastgait.ops.conv_engine``).
 
-Notation (blocks.md): ``x [n, c_in, t, h, w]``, ``F = W_l * X``, ``G = W_g * X``,
-``P0 = W_l * (X*M0)`` with ``M0`` the band ``[band_start, band_start + band_rows)`` of rows.
-Output row ``r`` of a 3-row kernel reads input rows ``r-1..r+1``; it is a *boundary row* when
-those rows (on the map) hold both band and non-band rows. Only the candidates
-``start-1, start, end-1, end`` can be boundary rows; a sample's candidates are its four
-*slots*. Everything about the band is recomputed in-kernel from ``band_start``; nothing
-mask-shaped exists in memory.
+One engine for "a 3x3x3 'same' convolution whose rows are cut at given borders", shared by the
+MLA block (GaitMask), GaitGL's GL block and the band-region ReverseMask pair.
 
-Layouts. Weights are packed by the launcher as ``[3 (kh), 3 (kt), 3 (kw), c_src, n_cols]``
-(the *forward pack*), so one kernel row is a contiguous ``[9*c_src, n_cols]`` B matrix whose
-K index runs over ``(kt, kw, c)``; the *dgrad pack* is the same for the flipped, transposed
-kernel.
-Per-slot buffers (``P0`` rows, ``delta`` rows) are ``[n, 4, t, w, c]``. Activations use any
-strides (contiguous or channels-last-3d): every kernel takes them explicitly.
+Notation: ``x [n, c_in, t, h, w]``; ``G = W_g * X`` and ``F = W_l * X`` are plain convolutions.
+Each sample's rows fall into *segments*, given by a *geometry*:
+- ``GEOM_BAND``: two segments, the band ``[start, start + size)`` (per-sample ``start``) and the
+  rest (MLA's ``M0``/``M1``, the band ReverseMask region);
+- ``GEOM_STRIPS``: strips of ``size`` rows, ``row // size`` (GaitGL's local conv; the last strip
+  may be shorter, as ``torch.split``).
+Output row ``r`` of a 3-row kernel reads input rows ``r-1..r+1``. Call a source row *across*
+from ``r`` when it is on the map and in another segment; ``r`` is a *cut row* when it reads an
+across row (at most 2 rows per border: the rows either side of it). On a cut row the engine
+computes, besides ``F``, ``P = sum of the kernel rows that read across rows`` (the part of ``F``
+that a cut removes). The *terms* say what the local branch makes of them:
+- ``TERMS_PAIR`` (MLA): ``lrelu(P) + lrelu(F - P)``: the complementary pair, symmetric, so it
+  does not matter which segment is "the band";
+- ``TERMS_REST`` (GL): ``lrelu(F - P)``: the convolution with zero padding at the borders.
+Off the cut rows both are ``lrelu(F)`` (``P = 0`` there), so the pair or the cut costs one
+convolution plus a correction on the cut rows.
 
-What the backward needs of the forward is only ``a'(.)`` of each pre-activation, so the forward
+Cut rows are addressed by *slots*: per sample ``SLOTS`` of them (4 for a band: rows
+``start-1, start, end-1, end``; 2 per border for strips: the rows above and below it). A slot
+is *live* when its row is a cut row and not a repeat of an earlier slot's row. Per-slot buffers
+(``P`` rows, ``delta`` rows) are ``[n, SLOTS, t, w, c]``. Everything about the geometry is
+recomputed in-kernel (from the band starts or the strip size); nothing mask-shaped exists.
+
+Backward (derivation in docs/mla_notes.md): with ``gF = dY/dF`` and ``delta = dY/dP`` (the
+latter on cut rows only), ``dX = [W_g; W_l]^T * [g_G a'(G); gF] + sum over cut rows r of the
+across rows s of W_l[kh]^T delta[r]``, and ``dW_l += X[across rows] * delta``. The forward
 saves one byte per element of ``[G; F]``, the *gates*: bit ``POSITIVE`` is ``G > 0`` on global
-channels and ``F' > 0`` on local ones, where ``F' = F - P0`` (= ``P1``) on boundary rows and
-``F`` elsewhere; bit ``BAND_POSITIVE`` (local channels, boundary rows) is ``P0 > 0``.
+channels and ``F' > 0`` on local ones (``F' = F - P`` on cut rows, ``F`` elsewhere); bit
+``CUT_POSITIVE`` (local channels, cut rows, ``TERMS_PAIR``) is ``P > 0``.
 
-All accumulation is fp32 (``tl.dot`` with an fp32 accumulator); loads keep the storage
-dtype so bf16/fp16 run on tensor cores; stores cast back to the output's dtype.
+Layouts. Weights are packed as ``[3 (kh), 3 (kt), 3 (kw), c_src, n_cols]`` (the *forward
+pack*), so one kernel row is a contiguous ``[9*c_src, n_cols]`` B matrix whose K index runs
+over ``(kt, kw, c)``; the *dgrad pack* is the same for the flipped, transposed kernel.
+Activations use any strides (contiguous or channels-last-3d). Indexing: one int64 base per
+sample, int32 offsets inside it (the launcher checks a sample spans < 2**31 elements).
+All accumulation is fp32; loads keep the storage dtype (bf16/fp16 on tensor cores).
 """
 import triton
 import triton.language as tl
 
 POSITIVE = tl.constexpr(1)  # gate bit: the saved pre-activation (G, or F') is > 0
-BAND_POSITIVE = tl.constexpr(2)  # gate bit, local channels on boundary rows: P0 > 0
+CUT_POSITIVE = tl.constexpr(2)  # gate bit, local channels on cut rows: P > 0
+GEOM_BAND = tl.constexpr(0)
+GEOM_STRIPS = tl.constexpr(1)
+TERMS_PAIR = tl.constexpr(0)
+TERMS_REST = tl.constexpr(1)
 
 # ----------------------------------------------------------------------------------------
-# Helpers: activation, band geometry, one kernel row of taps
+# Helpers: activation, geometry, one kernel row of taps
 # ----------------------------------------------------------------------------------------
 
 
@@ -46,43 +67,69 @@ def _slope_of(gates, BIT: tl.constexpr, negative_slope):
 
 
 @triton.jit
-def _in_band(row, band_start, band_rows):
-    return (row >= band_start) & (row < band_start + band_rows)
+def _segment(row, start, size, GEOM: tl.constexpr):
+    """Segment of ``row``: in the band (1) or not (0), or the strip index."""
+    if GEOM == GEOM_BAND:
+        return ((row >= start) & (row < start + size)).to(tl.int32)
+    else:
+        return row // size
 
 
 @triton.jit
-def _is_boundary_row(row, band_start, band_rows, height):
-    """Whether output ``row`` reads band and non-band input rows (rows off the map are padding)."""
-    band_end = band_start + band_rows
-    first = tl.maximum(row - 1, 0)
-    last = tl.minimum(row + 1, height - 1)
-    reads_band = tl.maximum(first, band_start) <= tl.minimum(last, band_end - 1)  # rows read meet the band
-    reads_rest = (first < band_start) | (last >= band_end)
-    return reads_band & reads_rest & (row >= 0) & (row < height)
+def _across(row, src, start, size, H, GEOM: tl.constexpr):
+    """Whether source row ``src`` is on the map and in another segment than output row ``row``."""
+    return (src >= 0) & (src < H) & (_segment(src, start, size, GEOM) != _segment(row, start, size, GEOM))
 
 
 @triton.jit
-def _candidate_slot(row, band_start, band_rows):
-    """Slot of a boundary ``row`` among ``(start-1, start, end-1, end)`` (the first match)."""
-    band_end = band_start + band_rows
-    return tl.where(row == band_start - 1, 0, tl.where(row == band_start, 1, tl.where(row == band_end - 1, 2, 3)))
+def _is_cut_row(row, start, size, H, GEOM: tl.constexpr):
+    """Whether output ``row`` (on the map) reads a row across a border."""
+    reads_across = _across(row, row - 1, start, size, H, GEOM) | _across(row, row + 1, start, size, H, GEOM)
+    return reads_across & (row >= 0) & (row < H)
 
 
 @triton.jit
-def _candidate_row(slot, band_start, band_rows):
-    """Row of ``slot``: ``start-1, start, end-1, end`` for slots 0..3."""
-    return band_start - 1 + slot + (slot // 2) * (band_rows - 2)
+def _slot_of_row(row, start, size, GEOM: tl.constexpr):
+    """Slot of a cut ``row`` (the first slot that holds it)."""
+    if GEOM == GEOM_BAND:  # slots hold start-1, start, end-1, end
+        end = start + size
+        return tl.where(row == start - 1, 0, tl.where(row == start, 1, tl.where(row == end - 1, 2, 3)))
+    else:  # slot 2b holds the row above border b+1, slot 2b+1 the row below it
+        strip = row // size
+        return tl.where((row - strip * size == 0) & (row > 0), 2 * strip - 1, 2 * strip)
 
 
 @triton.jit
-def _slot_is_live(slot, band_start, band_rows, height):
-    """Slot holds a boundary row, and not the same row as an earlier slot (``end-1 == start``)."""
+def _slot_row(slot, start, size, GEOM: tl.constexpr):
+    """Row held by ``slot``."""
+    if GEOM == GEOM_BAND:
+        return start - 1 + slot + (slot // 2) * (size - 2)
+    else:
+        return (slot // 2 + 1) * size - 1 + slot % 2
+
+
+@triton.jit
+def _slot_is_live(slot, start, size, H, GEOM: tl.constexpr):
+    """Slot holds a cut row that no earlier slot holds (a band of 1 row: ``end-1 == start``;
+    strips of 1 row: the row above a border is the row below the previous one)."""
     # A tensor even for a static slot index: in the interpreter, an int1 tensor `&` a Python
     # bool gives int32, which load/store masks reject.
-    slot = slot + band_start * 0
-    row = _candidate_row(slot, band_start, band_rows)
-    repeat = (slot == 2) & (row == band_start)
-    return _is_boundary_row(row, band_start, band_rows, height) & (repeat == 0)
+    slot = slot + start * 0
+    row = _slot_row(slot, start, size, GEOM)
+    if GEOM == GEOM_BAND:
+        repeat = (slot == 2) & (row == start)
+    else:
+        repeat = (size == 1) & (slot % 2 == 0) & (slot > 0)
+    return _is_cut_row(row, start, size, H, GEOM) & (repeat == 0)
+
+
+@triton.jit
+def _geometry_start(band_ptr, n, GEOM: tl.constexpr):
+    """The sample's band start (one scalar load), or 0 for strips."""
+    if GEOM == GEOM_BAND:
+        return tl.load(band_ptr + n).to(tl.int32)
+    else:
+        return n * 0
 
 
 @triton.jit
@@ -91,8 +138,7 @@ def _sample_tile(T, H, W, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     ``BLOCK_N`` channels out of ``C``. Grid ``(cdiv(T*H*W, BLOCK_M), cdiv(C, BLOCK_N), n)``.
 
     A tile never crosses a sample, so the sample is one scalar (its int64 base offset is taken
-    once, ``n * stride_n``) and every in-sample coordinate is int32 (the launcher checks that a
-    sample spans < 2**31 elements): no int64 division anywhere.
+    once, ``n * stride_n``) and every in-sample coordinate is int32: no int64 division anywhere.
     Returns ``n`` (scalar), ``t, h, w, m_ok [BM]`` (int32), ``offs_c, c_ok [BN]``.
     """
     n = tl.program_id(2)
@@ -153,10 +199,9 @@ def _accumulate_row_taps(
     acc: ``[BLOCK_M, BLOCK_N]`` fp32 accumulator (one ``tl.dot`` per K block over all its columns).
     src_ptr: one sample's base pointer; ``pos [BLOCK_M]`` (int32) is the offset of ``(t, source
     row, w)`` for each output position, ``t``/``w [BLOCK_M]`` its frame and column, ``row_ok
-    [BLOCK_M]`` whether the source row is read at all (on the map, in the band, ...).
+    [BLOCK_M]`` whether the source row is read at all.
     w_ptr: the kernel row's slice ``[3 (kt), 3 (kw), C_src, n_cols]`` of a pack; cols,
-    col_ok ``[BLOCK_N]``: the pack's columns. K runs flat over ``(kt, kw, c)``, so small channel
-    counts waste no padding; with ``BLOCK_K | C_src`` a K block stays within one tap.
+    col_ok ``[BLOCK_N]``: the pack's columns. K runs flat over ``(kt, kw, c)``.
     """
     # Bit kt*3 + kw of taps_ok: tap (kt, kw) reads inside the map, so a K block's mask is one
     # shift per element instead of bounds tests on 2-D frame and column indices.
@@ -176,22 +221,40 @@ def _accumulate_row_taps(
 
 
 @triton.jit
-def _boundary_slots(t, h, w, offs_c, mask, band_start, band_rows, H, stride_0s, stride_0t, stride_0w, stride_0c):
+def _cut_slots(t, h, w, offs_c, mask, start, size, H, stride_0s, stride_0t, stride_0w, stride_0c, GEOM: tl.constexpr):
     """For a ``[BM, BN]`` tile of one sample at positions ``(t, h, w) [BM]`` and channels ``offs_c
-    [BN]``: ``boundary [BM, BN]`` (the element is on a boundary row, inside ``mask``) and its
-    offsets in the sample's per-slot rows ``[4, T, W, C]`` (strides ``stride_0*``)."""
-    boundary = _is_boundary_row(h, band_start, band_rows, H)[:, None] & mask
-    slot = _candidate_slot(h, band_start, band_rows)  # [BM]
+    [BN]``: ``cut [BM, BN]`` (the element is on a cut row, inside ``mask``) and its offsets in the
+    sample's per-slot rows ``[SLOTS, T, W, C]`` (strides ``stride_0*``)."""
+    cut = _is_cut_row(h, start, size, H, GEOM)[:, None] & mask
+    slot = _slot_of_row(h, start, size, GEOM)  # [BM]
     slot_pos = slot * stride_0s + t * stride_0t + w * stride_0w  # [BM]
-    return boundary, slot_pos[:, None] + offs_c[None, :] * stride_0c
+    return cut, slot_pos[:, None] + offs_c[None, :] * stride_0c
 
 
 @triton.jit
-def _mla_epilogue(
+def _local_branch(full, cut_part, cut, negative_slope, HAS_CUTS: tl.constexpr, TERMS: tl.constexpr):
+    """The local branch and its gates from ``F`` and ``P`` (used on ``cut`` only), all ``[BM, BN]``."""
+    local = _lrelu(full, negative_slope)
+    gates = tl.where(full > 0, POSITIVE, 0)
+    if HAS_CUTS:
+        rest = full - cut_part  # F - P: the kernel rows within the output row's segment
+        if TERMS == TERMS_PAIR:
+            cut_local = _lrelu(cut_part, negative_slope) + _lrelu(rest, negative_slope)
+            cut_gates = tl.where(rest > 0, POSITIVE, 0) | tl.where(cut_part > 0, CUT_POSITIVE, 0)
+        else:
+            cut_local = _lrelu(rest, negative_slope)
+            cut_gates = tl.where(rest > 0, POSITIVE, 0)
+        local = tl.where(cut, cut_local, local)
+        gates = tl.where(cut, cut_gates, gates)
+    return local, gates
+
+
+@triton.jit
+def _epilogue(
     glob,
     full,
-    band_part,
-    boundary,
+    cut_part,
+    cut,
     t,
     h,
     w,
@@ -211,23 +274,17 @@ def _mla_epilogue(
     stride_gh,
     stride_gw,
     HAS_GLOBAL: tl.constexpr,
-    HAS_BAND: tl.constexpr,
+    HAS_CUTS: tl.constexpr,
     FUSE_CONCAT: tl.constexpr,
+    TERMS: tl.constexpr,
 ):
-    """lrelu, the pair sum on boundary rows and the add/concat fusion; stores Y and the gates.
+    """lrelu, the terms on cut rows and the add/concat fusion; stores Y and the gates.
 
-    glob, full, band_part: ``[BM, BN]`` fp32 ``G``, ``F``, ``P0`` (``band_part`` is used on
-    ``boundary [BM, BN]`` only); t, h, w: ``[BM]`` output position in the sample; mask ``[BM, BN]``;
-    offs_c ``[BN]``. y_ptr: the sample's ``[C_out, T, H or 2H, W]``; gate_ptr: its ``[n_cols, T, H,
-    W]`` uint8 gates.
+    glob, full, cut_part: ``[BM, BN]`` fp32 ``G``, ``F``, ``P`` (``P`` used on ``cut [BM, BN]``
+    only); t, h, w: ``[BM]`` output position in the sample; mask ``[BM, BN]``; offs_c ``[BN]``.
+    y_ptr: the sample's ``[C_out, T, H or 2H, W]``; gate_ptr: its ``[n_cols, T, H, W]`` uint8 gates.
     """
-    local = _lrelu(full, negative_slope)
-    local_gates = tl.where(full > 0, POSITIVE, 0)
-    if HAS_BAND:
-        rest_part = full - band_part  # P1 = F - P0
-        local = tl.where(boundary, _lrelu(band_part, negative_slope) + _lrelu(rest_part, negative_slope), local)
-        pair_gates = tl.where(rest_part > 0, POSITIVE, 0) | tl.where(band_part > 0, BAND_POSITIVE, 0)
-        local_gates = tl.where(boundary, pair_gates, local_gates)
+    local, local_gates = _local_branch(full, cut_part, cut, negative_slope, HAS_CUTS, TERMS)
     local_cols = offs_c + C_out if HAS_GLOBAL else offs_c
     gate_offs = (t * stride_gt + h * stride_gh + w * stride_gw)[:, None]  # [BM, 1]
     tl.store(gate_ptr + (gate_offs + local_cols[None, :] * stride_gc), local_gates.to(tl.uint8), mask=mask)
@@ -252,7 +309,7 @@ def _mla_epilogue(
 
 
 @triton.jit
-def mla_forward_gemm_kernel(
+def cut_conv_forward_gemm_kernel(
     x_ptr,
     w_ptr,
     band_ptr,
@@ -278,16 +335,18 @@ def mla_forward_gemm_kernel(
     stride_gt,
     stride_gh,
     stride_gw,
-    band_rows,
+    size,
     negative_slope,
+    GEOM: tl.constexpr,
+    TERMS: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
-    HAS_BAND: tl.constexpr,
+    HAS_CUTS: tl.constexpr,
     FUSE_CONCAT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Y and the gates of the MLA block in one pass over X.
+    """Y and the gates of the block in one pass over X.
 
     Grid: ``(cdiv(T*H*W, BLOCK_M), cdiv(C_out, BLOCK_N), n)``; a program owns ``BLOCK_M`` output
     positions of one sample and ``BLOCK_N`` output channels of both branches. With a global
@@ -297,13 +356,12 @@ def mla_forward_gemm_kernel(
 
     x_ptr ``[n, C_in, T, H, W]`` (strides ``stride_x*``); w_ptr: forward pack ``[3, 3, 3, C_in,
     n_cols]``, ``n_cols = 2*C_out`` (interleaved ``[W_g; W_l]``) or ``C_out``; band_ptr ``[n]``
-    int band starts (unused without ``HAS_BAND``); y_ptr ``[n, C_out, T, H or 2H, W]``;
-    gate_ptr ``[n, 2*C_out or C_out, T, H, W]`` uint8 (global channels first; strides
-    ``stride_g*``). band_rows: rows in the band; negative_slope: the LeakyReLU's.
+    band starts (``GEOM_BAND``); y_ptr ``[n, C_out, T, H or 2H, W]``; gate_ptr ``[n, 2*C_out or
+    C_out, T, H, W]`` uint8 (global channels first). size: band rows or strip rows.
 
-    ``P0`` needs no second pass: the band mask is constant over a kernel row, so the
-    contribution of row ``kh`` goes to ``F`` always and to ``P0`` when input row ``h + kh - 1``
-    is in the band: three masked tile adds per tile.
+    ``P`` needs no second pass: the segment is constant along a kernel row, so kernel row
+    ``kh``'s partial sum goes to ``F`` always and to ``P`` where input row ``h + kh - 1`` is
+    across: three masked tile adds per tile.
     """
     slope = tl.cast(negative_slope, tl.float32)
     n, t, h, w, m_ok, offs_c, c_ok = _sample_tile(T, H, W, C_out, BLOCK_M, BLOCK_N)
@@ -317,21 +375,20 @@ def mla_forward_gemm_kernel(
         cols = offs_c
         full = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     col_ok = cols < n_cols
-    band_part = full
-    if HAS_BAND:
-        band_start = tl.load(band_ptr + n).to(tl.int32)
+    cut_part = full
+    start = _geometry_start(band_ptr, n, GEOM)
     for kh in tl.static_range(3):
         row = h + (kh - 1)
         row_ok = m_ok & (row >= 0) & (row < H)
         pos = t * stride_xt + row * stride_xh + w * stride_xw
         w_row = w_ptr + kh * 9 * C_in * n_cols
-        if HAS_BAND:
+        if HAS_CUTS:
             tap = _accumulate_row_taps(
                 tl.zeros_like(full), x_base, w_row, pos, t, w, row_ok, cols, col_ok,
                 T, W, C_in, n_cols, stride_xc, stride_xt, stride_xw, BLOCK_K,
             )  # fmt: skip
             full += tap
-            band_part += tl.where(_in_band(row, band_start, band_rows)[:, None], tap, 0.0)
+            cut_part += tl.where(_across(h, row, start, size, H, GEOM)[:, None], tap, 0.0)
         else:
             full = _accumulate_row_taps(
                 full, x_base, w_row, pos, t, w, row_ok, cols, col_ok,
@@ -341,17 +398,17 @@ def mla_forward_gemm_kernel(
     glob = full
     if HAS_GLOBAL:  # de-interleave the (global, local) column pairs
         glob, full = tl.split(tl.reshape(full, (BLOCK_M, BLOCK_N, 2)))
-        if HAS_BAND:
-            _, band_part = tl.split(tl.reshape(band_part, (BLOCK_M, BLOCK_N, 2)))
+        if HAS_CUTS:
+            _, cut_part = tl.split(tl.reshape(cut_part, (BLOCK_M, BLOCK_N, 2)))
     mask = m_ok[:, None] & c_ok[None, :]
-    boundary = mask
-    if HAS_BAND:
-        boundary = _is_boundary_row(h, band_start, band_rows, H)[:, None] & mask
-    _mla_epilogue(
-        glob, full, band_part, boundary, t, h, w, mask, offs_c, H, C_out, slope,
+    cut = mask
+    if HAS_CUTS:
+        cut = _is_cut_row(h, start, size, H, GEOM)[:, None] & mask
+    _epilogue(
+        glob, full, cut_part, cut, t, h, w, mask, offs_c, H, C_out, slope,
         y_ptr + n.to(tl.int64) * stride_yn, stride_yc, stride_yt, stride_yh, stride_yw,
         gate_ptr + n.to(tl.int64) * stride_gn, stride_gc, stride_gt, stride_gh, stride_gw,
-        HAS_GLOBAL, HAS_BAND, FUSE_CONCAT,
+        HAS_GLOBAL, HAS_CUTS, FUSE_CONCAT, TERMS,
     )  # fmt: skip
 
 
@@ -425,8 +482,9 @@ def conv3x3x3_wgrad_kernel(
     stride_gt,
     stride_gs,
     stride_gw,
-    band_rows,
-    BAND_EDGES: tl.constexpr,
+    size,
+    CUT_EDGES: tl.constexpr,
+    GEOM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -438,15 +496,15 @@ def conv3x3x3_wgrad_kernel(
     Positions are the rows ``(n, slot)`` (``n*SLOTS`` of them), each cut into
     ``cdiv(T*W, BLOCK_M)`` tiles of ``(t, w)`` positions; ``tiles`` counts them all and each split
     reduces ``tiles_per_split`` consecutive ones. A tile lies in one row of one sample: its
-    sample, slot and band are scalars, its coordinates int32. Grid: ``(cdiv(C_grad, BLOCK_O) *
+    sample, slot and geometry are scalars, its coordinates int32. Grid: ``(cdiv(C_grad, BLOCK_O) *
     cdiv(27*C_in, BLOCK_K), splits)``.
 
-    - ``BAND_EDGES=False``: the full convolution; slot = output row (``SLOTS = H``), ``src = X``.
-    - ``BAND_EDGES=True``: the delta term ``(X*M0) * delta``; slot = boundary slot
-      (``SLOTS = 4``, dead slots skipped), source rows outside the band read as 0.
+    - ``CUT_EDGES=False``: the full convolution; slot = output row (``SLOTS = H``), ``src = X``.
+    - ``CUT_EDGES=True``: the delta term ``X[across rows] * delta``; slot = cut slot (dead slots
+      skipped), source rows that are not across read as 0.
 
     x_ptr ``[n, C_in, T, H, W]`` (strides ``stride_x*``); grad_ptr: ``[n, C_grad, T, SLOTS, W]``
-    in strides ``stride_g*`` (``gpre``, or the ``[n, 4, T, W, C]`` delta rows re-strided);
+    in strides ``stride_g*`` (``gpre``, or the ``[n, SLOTS, T, W, C]`` delta rows re-strided);
     band_ptr ``[n]``; out_ptr: fp32 ``[splits, C_grad, 27*C_in]`` contiguous.
     """
     pid = tl.program_id(0)
@@ -474,20 +532,18 @@ def conv3x3x3_wgrad_kernel(
         m_ok = offs_m < T * W
         t = offs_m // W
         w = offs_m - t * W
-        if BAND_EDGES:
-            band_start = tl.load(band_ptr + n).to(tl.int32)
-            row = _candidate_row(slot, band_start, band_rows)
-            live = _slot_is_live(slot, band_start, band_rows, H).to(tl.int32)  # scalar
+        if CUT_EDGES:
+            start = _geometry_start(band_ptr, n, GEOM)
+            row = _slot_row(slot, start, size, GEOM)
+            live = _slot_is_live(slot, start, size, H, GEOM).to(tl.int32)  # scalar
             grad_ok = (m_ok.to(tl.int32) * live) != 0  # (vector & scalar bool is int32 in the interpreter)
-            row_bits = _in_band(row - 1, band_start, band_rows).to(tl.int32)  # X*M0: band rows only
-            row_bits |= _in_band(row, band_start, band_rows).to(tl.int32) << 1
-            row_bits |= _in_band(row + 1, band_start, band_rows).to(tl.int32) << 2
-            row_bits &= _offset_bits(row > 0, row < H - 1)
+            row_bits = _across(row, row - 1, start, size, H, GEOM).to(tl.int32)  # only across rows
+            row_bits |= _across(row, row + 1, start, size, H, GEOM).to(tl.int32) << 2
         else:
             row = slot
             grad_ok = m_ok
             row_bits = _offset_bits(row > 0, row < H - 1)
-        # Bit kt*9 + kh*3 + kw: tap (kt, kh, kw) reads a source element inside the map (and band).
+        # Bit kt*9 + kh*3 + kw: tap (kt, kh, kw) reads a source element that counts.
         taps_ok = _spread_bits(_offset_bits(t > 0, t < T - 1), 9) * (
             _spread_bits(row_bits, 3) * _offset_bits(w > 0, w < W - 1)
         )
@@ -508,16 +564,17 @@ def conv3x3x3_wgrad_kernel(
 
 
 # ----------------------------------------------------------------------------------------
-# Design (b): after the vendor convolution, P0 on the boundary rows, then the epilogue
+# Design (b): after the vendor convolution, P on the cut rows, then the epilogue
 # ----------------------------------------------------------------------------------------
 
 
 @triton.jit
-def mla_boundary_p0_kernel(
+def cut_rows_p_kernel(
     x_ptr,
     w_ptr,
     band_ptr,
-    p0_ptr,
+    p_ptr,
+    SLOTS,
     T,
     H,
     W,
@@ -533,48 +590,48 @@ def mla_boundary_p0_kernel(
     stride_0t,
     stride_0w,
     stride_0c,
-    band_rows,
+    size,
+    GEOM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``P0 = W_l * (X*M0)`` on each sample's boundary rows, straight from X.
+    """``P`` (the kernel rows that read across rows) on each sample's cut rows, straight from X.
 
-    Grid: ``(n*4, cdiv(T*W, BLOCK_M), cdiv(C_out, BLOCK_N))``: one boundary slot per program
-    row; dead slots do nothing. Only the kernel rows whose input row is in the band are summed.
-    x_ptr ``[n, C_in, T, H, W]`` (strides ``stride_x*``); w_ptr: forward pack of ``W_l``,
-    ``[3, 3, 3, C_in, C_out]``; band_ptr ``[n]``; p0_ptr ``[n, 4, T, W, C_out]`` fp32 (strides
-    ``stride_0*``), so ``F - P0`` loses nothing to a bf16 P0.
+    Grid: ``(n*SLOTS, cdiv(T*W, BLOCK_M), cdiv(C_out, BLOCK_N))``: one slot per program row;
+    dead slots do nothing. x_ptr ``[n, C_in, T, H, W]`` (strides ``stride_x*``); w_ptr: forward
+    pack of ``W_l``, ``[3, 3, 3, C_in, C_out]``; band_ptr ``[n]``; p_ptr ``[n, SLOTS, T, W,
+    C_out]`` fp32 (strides ``stride_0*``), so ``F - P`` loses nothing to a bf16 ``P``.
     """
     pid_row = tl.program_id(0)
-    n = pid_row // 4
-    slot = pid_row - n * 4
-    band_start = tl.load(band_ptr + n).to(tl.int32)
-    if _slot_is_live(slot, band_start, band_rows, H):
-        row = _candidate_row(slot, band_start, band_rows)
+    n = pid_row // SLOTS
+    slot = pid_row - n * SLOTS
+    start = _geometry_start(band_ptr, n, GEOM)
+    if _slot_is_live(slot, start, size, H, GEOM):
+        row = _slot_row(slot, start, size, GEOM)
         t, w, m_ok, offs_c, c_ok = _row_tile(T, W, C_out, BLOCK_M, BLOCK_N)
         x_base = x_ptr + n.to(tl.int64) * stride_xn
-        band_part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        cut_part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kh in tl.static_range(3):
             src_row = row + (kh - 1)
-            if _in_band(src_row, band_start, band_rows):
+            if _across(row, src_row, start, size, H, GEOM):
                 pos = t * stride_xt + src_row * stride_xh + w * stride_xw
-                band_part = _accumulate_row_taps(
-                    band_part, x_base, w_ptr + kh * 9 * C_in * C_out, pos, t, w, m_ok, offs_c, c_ok,
+                cut_part = _accumulate_row_taps(
+                    cut_part, x_base, w_ptr + kh * 9 * C_in * C_out, pos, t, w, m_ok, offs_c, c_ok,
                     T, W, C_in, C_out, stride_xc, stride_xt, stride_xw, BLOCK_K,
                 )  # fmt: skip
-        p0_offs = (slot * stride_0s + t * stride_0t + w * stride_0w)[:, None] + offs_c[None, :] * stride_0c
+        p_offs = (slot * stride_0s + t * stride_0t + w * stride_0w)[:, None] + offs_c[None, :] * stride_0c
         tl.store(
-            p0_ptr + n.to(tl.int64) * stride_0n + p0_offs,
-            band_part.to(p0_ptr.dtype.element_ty),
+            p_ptr + n.to(tl.int64) * stride_0n + p_offs,
+            cut_part.to(p_ptr.dtype.element_ty),
             mask=m_ok[:, None] & c_ok[None, :],
         )
 
 
 @triton.jit
-def mla_epilogue_kernel(
+def cut_conv_epilogue_kernel(
     pre_ptr,
-    p0_ptr,
+    p_ptr,
     band_ptr,
     y_ptr,
     gate_ptr,
@@ -602,18 +659,20 @@ def mla_epilogue_kernel(
     stride_gt,
     stride_gh,
     stride_gw,
-    band_rows,
+    size,
     negative_slope,
+    GEOM: tl.constexpr,
+    TERMS: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
-    HAS_BAND: tl.constexpr,
+    HAS_CUTS: tl.constexpr,
     FUSE_CONCAT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """The MLA epilogue over ``pre = [G; F]`` from the vendor convolution and the P0 rows.
+    """The epilogue over ``pre = [G; F]`` from the vendor convolution and the ``P`` rows.
 
     Grid: ``(cdiv(T*H*W, BLOCK_M), cdiv(C_out, BLOCK_N), n)``.
-    pre_ptr ``[n, n_cols, T, H, W]`` (strides ``stride_p*``); p0_ptr ``[n, 4, T, W, C_out]``
+    pre_ptr ``[n, n_cols, T, H, W]`` (strides ``stride_p*``); p_ptr ``[n, SLOTS, T, W, C_out]``
     (live slots read); band_ptr ``[n]``; y_ptr ``[n, C_out, T, H or 2H, W]`` and gate_ptr
     ``[n, n_cols, T, H, W]`` uint8, each written once.
     """
@@ -627,19 +686,19 @@ def mla_epilogue_kernel(
     glob = full
     if HAS_GLOBAL:
         glob = tl.load(pre_base + (pre_offs + offs_c[None, :] * stride_pc), mask=mask, other=0.0).to(tl.float32)
-    boundary = mask
-    band_part = full
-    if HAS_BAND:
-        band_start = tl.load(band_ptr + n).to(tl.int32)
-        boundary, p0_offs = _boundary_slots(
-            t, h, w, offs_c, mask, band_start, band_rows, H, stride_0s, stride_0t, stride_0w, stride_0c
+    cut = mask
+    cut_part = full
+    if HAS_CUTS:
+        start = _geometry_start(band_ptr, n, GEOM)
+        cut, p_offs = _cut_slots(
+            t, h, w, offs_c, mask, start, size, H, stride_0s, stride_0t, stride_0w, stride_0c, GEOM
         )
-        band_part = tl.load(p0_ptr + n.to(tl.int64) * stride_0n + p0_offs, mask=boundary, other=0.0).to(tl.float32)
-    _mla_epilogue(
-        glob, full, band_part, boundary, t, h, w, mask, offs_c, H, C_out, slope,
+        cut_part = tl.load(p_ptr + n.to(tl.int64) * stride_0n + p_offs, mask=cut, other=0.0).to(tl.float32)
+    _epilogue(
+        glob, full, cut_part, cut, t, h, w, mask, offs_c, H, C_out, slope,
         y_ptr + n.to(tl.int64) * stride_yn, stride_yc, stride_yt, stride_yh, stride_yw,
         gate_ptr + n.to(tl.int64) * stride_gn, stride_gc, stride_gt, stride_gh, stride_gw,
-        HAS_GLOBAL, HAS_BAND, FUSE_CONCAT,
+        HAS_GLOBAL, HAS_CUTS, FUSE_CONCAT, TERMS,
     )  # fmt: skip
 
 
@@ -649,7 +708,7 @@ def mla_epilogue_kernel(
 
 
 @triton.jit
-def mla_gated_grad_kernel(
+def cut_conv_gated_grad_kernel(
     grad_ptr,
     gate_ptr,
     band_ptr,
@@ -679,20 +738,23 @@ def mla_gated_grad_kernel(
     stride_dt,
     stride_dw,
     stride_dc,
-    band_rows,
+    size,
     negative_slope,
+    GEOM: tl.constexpr,
+    TERMS: tl.constexpr,
     HAS_GLOBAL: tl.constexpr,
-    HAS_BAND: tl.constexpr,
+    HAS_CUTS: tl.constexpr,
     FUSE_CONCAT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """``gpre = [g_G * a'(G); g_L * a'(F')]`` everywhere, ``delta = g_L * (a'(P0) - a'(F - P0))`` on boundary rows.
+    """``gpre = [g_G a'(G); g_L a'(F')]`` everywhere; on cut rows ``delta = g_L (a'(P) - a'(F - P))``
+    (``TERMS_PAIR``) or ``-g_L a'(F - P)`` (``TERMS_REST``).
 
     Grid: ``(cdiv(T*H*W, BLOCK_M), cdiv(C_out, BLOCK_N), n)``.
-    grad_ptr: upstream gradient ``[n, C_out, T, H or 2H, W]`` (strides ``stride_y*``, any; for
-    MLA-B the local branch's rows are ``[H, 2H)``); gate_ptr ``[n, n_cols, T, H, W]`` uint8;
-    gpre_ptr ``[n, n_cols, T, H, W]`` (strides ``stride_q*``); delta_ptr ``[n, 4, T, W, C_out]``
+    grad_ptr: upstream gradient ``[n, C_out, T, H or 2H, W]`` (strides ``stride_y*``, any; with
+    concat the local branch's rows are ``[H, 2H)``); gate_ptr ``[n, n_cols, T, H, W]`` uint8;
+    gpre_ptr ``[n, n_cols, T, H, W]`` (strides ``stride_q*``); delta_ptr ``[n, SLOTS, T, W, C_out]``
     (strides ``stride_d*``), written on live slots only (its readers mask the others).
     """
     slope = tl.cast(negative_slope, tl.float32)
@@ -724,21 +786,25 @@ def mla_gated_grad_kernel(
             (g_glob * _slope_of(glob_gates, POSITIVE, slope)).to(gpre_ptr.dtype.element_ty),
             mask=mask,
         )
-    if HAS_BAND:
-        band_start = tl.load(band_ptr + n).to(tl.int32)
-        boundary, delta_offs = _boundary_slots(
-            t, h, w, offs_c, mask, band_start, band_rows, H, stride_ds, stride_dt, stride_dw, stride_dc
+    if HAS_CUTS:
+        start = _geometry_start(band_ptr, n, GEOM)
+        cut, delta_offs = _cut_slots(
+            t, h, w, offs_c, mask, start, size, H, stride_ds, stride_dt, stride_dw, stride_dc, GEOM
         )
-        delta = g_local * (_slope_of(local_gates, BAND_POSITIVE, slope) - local_slope)
-        tl.store(delta_ptr + n64 * stride_dn + delta_offs, delta.to(delta_ptr.dtype.element_ty), mask=boundary)
+        if TERMS == TERMS_PAIR:
+            delta = g_local * (_slope_of(local_gates, CUT_POSITIVE, slope) - local_slope)
+        else:
+            delta = -g_local * local_slope
+        tl.store(delta_ptr + n64 * stride_dn + delta_offs, delta.to(delta_ptr.dtype.element_ty), mask=cut)
 
 
 @triton.jit
-def mla_delta_dgrad_kernel(
+def cut_conv_delta_dgrad_kernel(
     delta_ptr,
     w_ptr,
     band_ptr,
     dx_ptr,
+    SLOTS,
     T,
     H,
     W,
@@ -754,35 +820,35 @@ def mla_delta_dgrad_kernel(
     stride_xt,
     stride_xh,
     stride_xw,
-    band_rows,
+    size,
+    GEOM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``dX += M0 * (W_l^T conv delta)``, in place, on the band rows next to a boundary row.
+    """``dX[s] += sum over cut rows r next to s and across from it: W_l[kh]^T conv delta[r]``, in place.
 
-    The only input rows it touches are ``start, start+1, end-2, end-1`` (those of them in the
-    band, each once): one per program row. Grid: ``(n*4, cdiv(T*W, BLOCK_M), cdiv(C_in, BLOCK_N))``.
-    delta_ptr ``[n, 4, T, W, C_out]`` (strides ``stride_d*``, live slots read only); w_ptr: dgrad
-    pack of ``W_l``, ``[3, 3, 3, C_out, C_in]`` (flipped, transposed); band_ptr ``[n]``;
-    dx_ptr ``[n, C_in, T, H, W]`` (strides ``stride_x*``), read and written.
+    A row across from a cut row is itself a cut row, so the rows this touches are the cut rows:
+    one live slot per program row, each written by one program (no atomics). Grid:
+    ``(n*SLOTS, cdiv(T*W, BLOCK_M), cdiv(C_in, BLOCK_N))``. delta_ptr ``[n, SLOTS, T, W, C_out]``
+    (strides ``stride_d*``, live slots read only); w_ptr: dgrad pack of ``W_l``, ``[3, 3, 3,
+    C_out, C_in]`` (flipped, transposed); band_ptr ``[n]``; dx_ptr ``[n, C_in, T, H, W]``
+    (strides ``stride_x*``), read and written.
     """
     pid_row = tl.program_id(0)
-    n = pid_row // 4
-    touched = pid_row - n * 4
-    band_start = tl.load(band_ptr + n).to(tl.int32)
-    # Rows start, start+1, end-2, end-1; the last three exist (and differ from the earlier ones)
-    # for bands of at least 2, 4 and 3 rows.
-    h = tl.where(touched < 2, band_start + touched, band_start + band_rows - 4 + touched)
-    min_rows = tl.where(touched == 0, 1, tl.where(touched == 1, 2, tl.where(touched == 2, 4, 3)))
-    if band_rows >= min_rows:
+    n = pid_row // SLOTS
+    slot = pid_row - n * SLOTS
+    start = _geometry_start(band_ptr, n, GEOM)
+    if _slot_is_live(slot, start, size, H, GEOM):
+        h = _slot_row(slot, start, size, GEOM)
         t, w, m_ok, offs_c, c_ok = _row_tile(T, W, C_in, BLOCK_M, BLOCK_N)
         delta_base = delta_ptr + n.to(tl.int64) * stride_dn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for slot in tl.static_range(4):
-            kh = _candidate_row(slot, band_start, band_rows) - h + 1  # row of the flipped kernel
-            if _slot_is_live(slot, band_start, band_rows, H) & (kh >= 0) & (kh <= 2):
-                pos = slot * stride_ds + t * stride_dt + w * stride_dw
+        for side in tl.static_range(2):
+            r = h + 2 * side - 1  # the cut row above, then below
+            if _across(h, r, start, size, H, GEOM):
+                kh = r - h + 1  # row of the flipped kernel
+                pos = _slot_of_row(r, start, size, GEOM) * stride_ds + t * stride_dt + w * stride_dw
                 acc = _accumulate_row_taps(
                     acc, delta_base, w_ptr + kh * 9 * C_out * C_in, pos, t, w, m_ok, offs_c, c_ok,
                     T, W, C_out, C_in, stride_dc, stride_dt, stride_dw, BLOCK_K,

@@ -43,7 +43,7 @@ def _build_block(spec: dict, impl: str) -> nn.Module:
     if kind == "mla":
         return MLA(c_in, c_out, impl=impl, **spec)
     if kind == "gl":
-        return GLConv(c_in, c_out, spec.pop("halving", 3), spec.pop("fm_sign", False), **spec)
+        return GLConv(c_in, c_out, spec.pop("halving", 3), spec.pop("fm_sign", False), impl=impl, **spec)
     if kind == "conv":
         return C3(c_in, c_out)
     if kind == "rmb":

@@ -80,6 +80,42 @@ def mla_conv3d_reference(
 
 
 # ----------------------------------------------------------------------------------------
+# GaitGL's GL block (blocks.md §4, OpenGait semantics)
+# ----------------------------------------------------------------------------------------
+
+
+def gl_strip_rows(height: int, halving: int) -> int:
+    """Rows per strip of GaitGL's local conv: ``height // 2**halving`` (OpenGait's ``torch.split``
+    size; the last strip is shorter when it does not divide ``height``)."""
+    strip = height // 2**halving
+    if strip < 1:
+        raise ValueError(f"GL block: {height} rows cannot be cut into 2**{halving} strips; lower halving")
+    return strip
+
+
+def gl_conv3d_reference(
+    x: torch.Tensor,
+    weight_global: torch.Tensor,
+    weight_local: torch.Tensor,
+    halving: int,
+    fm_sign: bool = False,
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """The GL block as OpenGait computes it: the local conv on each strip separately (zero
+    padding at every strip border), the strips put back together; ``fm_sign=False``:
+    ``lrelu(global) + lrelu(local)``, ``fm_sign=True``: ``lrelu(concat_H(global, local))``."""
+    glob = F.conv3d(x, weight_global, padding=1)
+    if halving == 0:
+        local = F.conv3d(x, weight_local, padding=1)
+    else:
+        strip = gl_strip_rows(x.shape[3], halving)
+        local = torch.cat([F.conv3d(part, weight_local, padding=1) for part in x.split(strip, 3)], 3)
+    if fm_sign:
+        return F.leaky_relu(torch.cat([glob, local], dim=3), negative_slope)
+    return F.leaky_relu(glob, negative_slope) + F.leaky_relu(local, negative_slope)
+
+
+# ----------------------------------------------------------------------------------------
 # GeM over horizontal strips, with the temporal max (blocks.md §5)
 # ----------------------------------------------------------------------------------------
 

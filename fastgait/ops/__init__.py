@@ -9,6 +9,7 @@ from .gem import gem_hpp
 from .gl import gl_conv3d
 from .masks import band_height, band_masks, draw_band_starts
 from .mla import mla_conv3d
+from .reverse_mask import draw_mask, rmb_conv3d
 from .triplet import part_distance, triplet_loss
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "draw_band_starts",
     "mla_conv3d",
     "gl_conv3d",
+    "rmb_conv3d",
+    "draw_mask",
     "gem_hpp",
     "triplet_loss",
     "part_distance",

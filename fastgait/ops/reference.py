@@ -80,6 +80,46 @@ def mla_conv3d_reference(
 
 
 # ----------------------------------------------------------------------------------------
+# ReverseMask blocks (blocks.md §3)
+# ----------------------------------------------------------------------------------------
+
+
+def rmb_conv3d_reference(
+    x: torch.Tensor,
+    weight_global: Optional[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    keep: Optional[torch.Tensor],
+    fuse: str = "add",
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """ReverseMask blocks on materialised masked copies of ``x`` (the spec).
+
+    x ``[n, c_in, t, h, w]``; weight_global: ``[c_out, c_in, 3, 3, 3]`` or None; weights: one
+    ``[c_out, c_in, 3, 3, 3]`` per RMFE branch; scales ``[len(weights), 2]``: each branch's
+    ``(alpha, beta)``; keep: the mask ``Mm [h, w]`` (shared by the batch, channels, frames and
+    branches), or None for no perturbation. Each RMFE branch is
+    ``c3(Xa) + c3(Xb)`` with ``Xa = alpha*X*Mm + beta*X*Mr``, ``Xb = (1-alpha)*X*Mm + (1-beta)*X*Mr``,
+    ``Mr = 1 - Mm`` (``c3(X)`` without a mask). The branches (global first) are summed
+    (``fuse="add"``) or stacked along H (``"concat"``).
+    """
+    branches = [] if weight_global is None else [conv3x3x3_lrelu(x, weight_global, negative_slope)]
+    for weight, (alpha, beta) in zip(weights, scales):
+        if keep is None:
+            branches.append(conv3x3x3_lrelu(x, weight, negative_slope))
+            continue
+        kept = keep.to(x.dtype)
+        x_a = x * (alpha * kept + beta * (1 - kept))
+        x_b = x * ((1 - alpha) * kept + (1 - beta) * (1 - kept))
+        branches.append(conv3x3x3_lrelu(x_a, weight, negative_slope) + conv3x3x3_lrelu(x_b, weight, negative_slope))
+    if fuse == "add":
+        return sum(branches[1:], branches[0])
+    if fuse == "concat":
+        return torch.cat(branches, dim=3)
+    raise ValueError(f"fuse must be 'add' or 'concat', got {fuse!r}")
+
+
+# ----------------------------------------------------------------------------------------
 # GaitGL's GL block (blocks.md §4, OpenGait semantics)
 # ----------------------------------------------------------------------------------------
 

@@ -4,8 +4,9 @@ GaitGL's GL block (``gl_conv3d``), ReverseMask's RMFE pair (Plain RMB) and Incep
 
 Providers: ``reference-eager`` (the spec: OpenGait's per-strip convolutions; ``Xa``/``Xb``
 materialised), ``reference-compiled``, ``torch`` (the engine in PyTorch: one stacked convolution
-plus the cut rows / the masked rows), and for GL ``triton-hybrid`` / ``triton-gemm`` (the fused
-engine). ReverseMask has no Triton path yet.
+plus the cut rows / the masked rows), for GL ``triton-hybrid`` / ``triton-gemm`` (the fused
+engine) and for ReverseMask ``triton`` (``fastgait::rmb_conv3d``: vendor convolution of X, Triton
+kernels for ``A`` with the mask in-kernel).
 
 FLOPs of one forward (``conv`` = one 3x3x3 convolution at the block's shape):
 - GL: ``2*conv`` for every provider (the reference's per-strip convolutions sum to one), plus
@@ -72,8 +73,8 @@ SMOKE = [
     ConvConfig("tiny Inception-RMB 4-8 3x8x6", "inception", 2, 4, 8, 3, 8, 6, "concat", region="block"),
 ]
 PROVIDERS = {"gl": ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm"),
-             "rmfe": ("reference-eager", "reference-compiled", "torch"),
-             "inception": ("reference-eager", "reference-compiled", "torch")}
+             "rmfe": ("reference-eager", "reference-compiled", "torch", "triton"),
+             "inception": ("reference-eager", "reference-compiled", "torch", "triton")}
 
 
 def shrink(config: ConvConfig) -> ConvConfig:
@@ -145,7 +146,7 @@ class ConvBench(h.OpBench):
             return run("reference")
         if provider == "reference-compiled":
             return bench.compile(run("reference"), key=(self.op, config.name, provider))
-        return run("torch")
+        return run(provider)
 
     def work(self, bench, config, provider, pass_):
         element = bench.mode.dtype.itemsize

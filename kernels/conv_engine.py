@@ -183,6 +183,7 @@ def _accumulate_row_taps(
     t,
     w,
     row_ok,
+    tap_bits,
     cols,
     col_ok,
     T,
@@ -199,14 +200,15 @@ def _accumulate_row_taps(
     acc: ``[BLOCK_M, BLOCK_N]`` fp32 accumulator (one ``tl.dot`` per K block over all its columns).
     src_ptr: one sample's base pointer; ``pos [BLOCK_M]`` (int32) is the offset of ``(t, source
     row, w)`` for each output position, ``t``/``w [BLOCK_M]`` its frame and column, ``row_ok
-    [BLOCK_M]`` whether the source row is read at all.
+    [BLOCK_M]`` whether the source row is read at all, ``tap_bits``: a 9-bit set per position (or
+    one for all) of the taps ``(kt, kw)`` that may be read (511: all; a mask on the input).
     w_ptr: the kernel row's slice ``[3 (kt), 3 (kw), C_src, n_cols]`` of a pack; cols,
     col_ok ``[BLOCK_N]``: the pack's columns. K runs flat over ``(kt, kw, c)``.
     """
     # Bit kt*3 + kw of taps_ok: tap (kt, kw) reads inside the map, so a K block's mask is one
     # shift per element instead of bounds tests on 2-D frame and column indices.
     taps_ok = _spread_bits(_offset_bits(t > 0, t < T - 1), 3) * _offset_bits(w > 0, w < W - 1)  # [BM]
-    taps_ok = tl.where(row_ok, taps_ok, 0)
+    taps_ok = tl.where(row_ok, taps_ok & tap_bits, 0)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, 9 * C_src, BLOCK_K):
         k = k0 + offs_k  # [BK] flat (kt, kw, c), int32
@@ -384,14 +386,14 @@ def cut_conv_forward_gemm_kernel(
         w_row = w_ptr + kh * 9 * C_in * n_cols
         if HAS_CUTS:
             tap = _accumulate_row_taps(
-                tl.zeros_like(full), x_base, w_row, pos, t, w, row_ok, cols, col_ok,
+                tl.zeros_like(full), x_base, w_row, pos, t, w, row_ok, 511, cols, col_ok,
                 T, W, C_in, n_cols, stride_xc, stride_xt, stride_xw, BLOCK_K,
             )  # fmt: skip
             full += tap
             cut_part += tl.where(_across(h, row, start, size, H, GEOM)[:, None], tap, 0.0)
         else:
             full = _accumulate_row_taps(
-                full, x_base, w_row, pos, t, w, row_ok, cols, col_ok,
+                full, x_base, w_row, pos, t, w, row_ok, 511, cols, col_ok,
                 T, W, C_in, n_cols, stride_xc, stride_xt, stride_xw, BLOCK_K,
             )  # fmt: skip
 
@@ -450,7 +452,7 @@ def conv3x3x3_kernel(
         row_ok = m_ok & (row >= 0) & (row < H)
         pos = t * stride_st + row * stride_sh + w * stride_sw
         acc = _accumulate_row_taps(
-            acc, src_base, w_ptr + kh * 9 * C_src * C_dst, pos, t, w, row_ok, offs_c, c_ok,
+            acc, src_base, w_ptr + kh * 9 * C_src * C_dst, pos, t, w, row_ok, 511, offs_c, c_ok,
             T, W, C_src, C_dst, stride_sc, stride_st, stride_sw, BLOCK_K,
         )  # fmt: skip
     out_offs = (t * stride_ot + h * stride_oh + w * stride_ow)[:, None] + offs_c[None, :] * stride_oc
@@ -617,7 +619,7 @@ def cut_rows_p_kernel(
             if _across(row, src_row, start, size, H, GEOM):
                 pos = t * stride_xt + src_row * stride_xh + w * stride_xw
                 cut_part = _accumulate_row_taps(
-                    cut_part, x_base, w_ptr + kh * 9 * C_in * C_out, pos, t, w, m_ok, offs_c, c_ok,
+                    cut_part, x_base, w_ptr + kh * 9 * C_in * C_out, pos, t, w, m_ok, 511, offs_c, c_ok,
                     T, W, C_in, C_out, stride_xc, stride_xt, stride_xw, BLOCK_K,
                 )  # fmt: skip
         p_offs = (slot * stride_0s + t * stride_0t + w * stride_0w)[:, None] + offs_c[None, :] * stride_0c
@@ -850,7 +852,7 @@ def cut_conv_delta_dgrad_kernel(
                 kh = r - h + 1  # row of the flipped kernel
                 pos = _slot_of_row(r, start, size, GEOM) * stride_ds + t * stride_dt + w * stride_dw
                 acc = _accumulate_row_taps(
-                    acc, delta_base, w_ptr + kh * 9 * C_out * C_in, pos, t, w, m_ok, offs_c, c_ok,
+                    acc, delta_base, w_ptr + kh * 9 * C_out * C_in, pos, t, w, m_ok, 511, offs_c, c_ok,
                     T, W, C_out, C_in, stride_dc, stride_dt, stride_dw, BLOCK_K,
                 )  # fmt: skip
         dx_offs = (t * stride_xt + h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :] * stride_xc

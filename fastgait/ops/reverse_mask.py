@@ -19,10 +19,14 @@ Masks (shared by the batch, channels, frames and the branches of a block), from 
 Draws come from torch's generator (``torch.manual_seed`` repeats a run; every DDP rank draws
 the same batch-shared values), and every implementation consumes the same draws.
 
-Implementations: ``"reference"`` (materialised ``Xa``, ``Xb``: the spec) and ``"torch"`` (the
+Implementations: ``"reference"`` (materialised ``Xa``, ``Xb``: the spec); ``"torch"`` (the
 stacked ``[W_g; W_d; W_s]`` convolution of X, plus ``A`` from ``X*Mm`` on the rows it touches;
-the masked input is recomputed in the backward, not saved). There is no Triton implementation
-yet: ``impl="auto"`` takes ``"torch"`` on every device.
+the masked input is recomputed in the backward, not saved); ``"triton"`` (``fastgait::rmb_conv3d``,
+``kernels/reverse_mask.py``): the vendor convolution of X with the stacked weights, then Triton
+kernels for ``A`` on the window of rows with the mask evaluated in-kernel (Philox for unit
+masks), the epilogue (one byte of gates per pre-activation), and in the backward the gated
+gradient, vendor dgrad/wgrad of it, and Triton kernels for the masked terms. Saved for the
+backward: X, the gates, the scales and the draw's three integers.
 """
 from __future__ import annotations
 
@@ -33,10 +37,18 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+import functools
+
 from .._nvtx import nvtx_range
+from . import _alloc
 from ._checks import check_same_dtype, check_tensor
-from ._dispatch import resolve_impl
+from ._dispatch import gpu_choices, resolve_impl
 from .conv import conv3d
+from .conv_engine import (
+    TRITON_DTYPES, _block, _cdiv, _check_sample_extent, _dgrad_pack, _empty_activation, _forward_pack, _in_format_of,
+    _sm_count, compute_dtype,
+)
+from .masks import unit_threshold
 from .masks import band_height, draw_seed, unit_mask
 from .reference import rmb_conv3d_reference
 
@@ -116,7 +128,11 @@ def rmb_conv3d(
         draw: the mask (:func:`draw_mask`), or None in evaluation (every RMFE is ``c3(X)``).
     """
     _check_inputs(x, weight_global, weights, scales, draw, fuse)
-    path = resolve_impl(impl, x.device, op=OP, has_torch=True, has_triton=False)
+    path = resolve_impl(impl, x.device, op=OP, has_torch=True, has_triton=True)
+    if path == "triton" and impl == "auto" and compute_dtype(x) not in TRITON_DTYPES:
+        path = "torch"
+    if path == "triton":
+        return _rmb_conv3d_triton(x, weight_global, list(weights), scales, draw, fuse, negative_slope)
     with nullcontext() if torch.compiler.is_compiling() else nvtx_range(OP):
         if path == "reference":
             keep = None if draw is None else draw.keep(x.device, x.dtype)
@@ -237,3 +253,218 @@ def _add_mask_terms(local, x, full, weight, scales, draw, negative_slope):
     out_rows = out_rows.clamp(0, height - 1)
     correction = terms(full.index_select(3, out_rows), part) * on_map
     return local.index_add(3, out_rows, correction)
+
+
+# ----------------------------------------------------------------------------------------
+# "triton": launchers, the torch.library ops and their autograd
+# ----------------------------------------------------------------------------------------
+
+_REGION_IDS = {"unit": 0, "band": 1, "block": 2, "none": 0}
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """``fastgait.kernels.reverse_mask``, imported on first use (Triton reads TRITON_INTERPRET at import)."""
+    from fastgait.kernels import reverse_mask
+
+    return reverse_mask
+
+
+def _rmb_conv3d_triton(x, weight_global, weights, scales, draw, fuse, negative_slope):
+    dtype = compute_dtype(x)
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(f"{OP}: impl='triton' computes in float32, float16 or bfloat16, got {dtype}; use impl='torch'")
+    x = x.to(dtype)
+    weight_rm = torch.cat(weights, dim=0).to(dtype)  # [K*c_out, ...]: autograd splits the gradient
+    weight_global = None if weight_global is None else weight_global.to(dtype)
+    if draw is None:
+        region, rows, cols, keep_prob = "none", 0, 0, 0.0
+        params = torch.zeros(3, dtype=torch.int64, device=x.device)
+    else:
+        region, rows, cols, keep_prob = draw.region, draw.rows, draw.cols, draw.keep_prob
+        zero = torch.zeros((), dtype=torch.int64, device=x.device)
+        parts = [draw.seed, draw.row_start, draw.col_start]
+        params = torch.stack([zero if p is None else p.to(device=x.device, dtype=torch.int64).reshape(()) for p in parts])
+    y, _ = torch.ops.fastgait.rmb_conv3d(
+        x, weight_global, weight_rm, scales.to(device=x.device, dtype=torch.float32).contiguous(), params, region,
+        int(rows), int(cols), float(keep_prob), len(weights), fuse, float(negative_slope),
+    )  # fmt: skip
+    return y
+
+
+def _window(region: str, height: int, rows: int) -> int:
+    """Rows of the window where ``A`` can be non-zero: all for a unit mask, the band's and one either side."""
+    return height if region == "unit" else rows + 2
+
+
+def _rm_configs(device, c_in, c_all, c_pre, channels_last):
+    gpu = gpu_choices(device)
+
+    def block(size, gpu_cap, interpreter_cap):
+        return _block(size, 16, gpu_cap if gpu else interpreter_cap)
+
+    return {
+        "masked": dict(BLOCK_M=128, BLOCK_N=block(c_all, 64, 16), BLOCK_K=block(9 * c_in, 64 if channels_last else 32, 64),
+                       num_warps=8),
+        "dgrad": dict(BLOCK_M=128, BLOCK_N=block(c_in, 64, 16), BLOCK_K=block(9 * c_all, 64 if channels_last else 32, 64),
+                      num_warps=8),
+        "elementwise": dict(BLOCK_M=64 if gpu else 128, BLOCK_N=block(c_pre, 32, 16), num_warps=4 if gpu else 8),
+        "wgrad": dict(BLOCK_M=64 if gpu else 256, BLOCK_O=_block(c_all, 16, 128), BLOCK_K=block(27 * c_in, 64, 128),
+                      num_warps=8),
+    }
+
+
+def _window_buffer(x, c, window, dtype=torch.float32):
+    """``[n, c, t, window, w]`` with channels innermost (fp32: ``F - A`` loses nothing)."""
+    n, _, t, _, w = x.shape
+    return _alloc.empty(n, t, window, w, c, dtype=dtype, device=x.device).permute(0, 4, 1, 2, 3)
+
+
+def _rm_forward(x, weight_global, weight_rm, scales, params, region, rows, cols, keep_prob, branches, fuse, slope):
+    kernels = _kernels()
+    n, c_in, t, h, w = x.shape
+    c_all = weight_rm.shape[0]
+    c_out = c_all // branches
+    has_global = weight_global is not None
+    has_mask = region != "none"
+    weight = weight_rm if weight_global is None else torch.cat([weight_global, weight_rm], dim=0)
+    c_pre = weight.shape[0]
+    configs = _rm_configs(x.device, c_in, c_all, c_out, x.stride(1) == 1)
+    y, gates = _rm_outputs(x, c_out, c_pre, branches + has_global if fuse == "concat" else 1)
+    pre = F.conv3d(x, weight, padding=1)  # [G; F_1..F_K] by the vendor, a temporary
+    _check_sample_extent(x=x, y=y, pre=pre)
+    window = _window(region, h, rows) if has_mask else 1
+    part = _window_buffer(x, c_all, window) if has_mask else gates
+    mask_args = (rows, cols, unit_threshold(keep_prob))
+    if has_mask:
+        config = configs["masked"]
+        grid = (_cdiv(t * window * w, config["BLOCK_M"]), _cdiv(c_all, config["BLOCK_N"]), n)
+        kernels.rm_masked_conv_kernel[grid](
+            x, _forward_pack(weight_rm), params, part, t, h, w, window, c_in, c_all, *x.stride(), *part.stride(),
+            *mask_args, REGION=_REGION_IDS[region], **config,
+        )  # fmt: skip
+    config = configs["elementwise"]
+    kernels.rm_epilogue_kernel[(_cdiv(t * h * w, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)](
+        pre, part, params, scales, y, gates, t, h, w, window, c_out,
+        *pre.stride(), *part.stride(), *y.stride(), *gates.stride(), slope,
+        REGION=_REGION_IDS[region], K=branches, HAS_GLOBAL=int(has_global), HAS_MASK=has_mask,
+        FUSE_CONCAT=fuse == "concat", **config,
+    )  # fmt: skip
+    return y, gates
+
+
+def _rm_outputs(x, c_out, c_pre, row_blocks):
+    n, _, t, h, w = x.shape
+    y = _empty_activation(n, c_out, t, row_blocks * h, w, like=x)
+    return y, _empty_activation(n, c_pre, t, h, w, like=x, dtype=torch.uint8)
+
+
+def _rm_backward(grad_y, x, weight_global, weight_rm, scales, params, gates, region, rows, cols, keep_prob, branches,
+                 fuse, slope):
+    kernels = _kernels()
+    n, c_in, t, h, w = x.shape
+    c_all = weight_rm.shape[0]
+    c_out = c_all // branches
+    has_global = weight_global is not None
+    has_mask = region != "none"
+    weight = weight_rm if weight_global is None else torch.cat([weight_global, weight_rm], dim=0)
+    c_pre = weight.shape[0]
+    configs = _rm_configs(x.device, c_in, c_all, c_out, x.stride(1) == 1)
+    _check_sample_extent(grad_y=grad_y)
+    window = _window(region, h, rows) if has_mask else 1
+    gpre = _empty_activation(n, c_pre, t, h, w, like=x)
+    grad_part = _window_buffer(x, c_all, window) if has_mask else gates
+    mask_args = (rows, cols, unit_threshold(keep_prob))
+    config = configs["elementwise"]
+    kernels.rm_gated_grad_kernel[(_cdiv(t * h * w, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)](
+        grad_y, gates, params, scales, gpre, grad_part, t, h, w, window, c_out,
+        *grad_y.stride(), *gates.stride(), *gpre.stride(), *grad_part.stride(), slope,
+        REGION=_REGION_IDS[region], K=branches, HAS_GLOBAL=int(has_global), HAS_MASK=has_mask,
+        FUSE_CONCAT=fuse == "concat", **config,
+    )  # fmt: skip
+    dx, dweight, _ = torch.ops.aten.convolution_backward(
+        gpre, x, weight, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1, [True, True, False]
+    )
+    dx = _in_format_of(dx, like=x)
+    dweight = dweight.float()
+    if has_mask:  # Mm * (W^T conv gA) into dx, (X*Mm) conv gA into the RMFE weights' gradient
+        config = configs["dgrad"]
+        grid = (_cdiv(t * window * w, config["BLOCK_M"]), _cdiv(c_in, config["BLOCK_N"]), n)
+        kernels.rm_masked_dgrad_kernel[grid](
+            grad_part, _dgrad_pack(weight_rm), params, dx, t, h, w, window, c_all, c_in,
+            *grad_part.stride(), *dx.stride(), *mask_args, REGION=_REGION_IDS[region], **config,
+        )  # fmt: skip
+        config = dict(configs["wgrad"])
+        block_k = config.pop("BLOCK_K")
+        tiles = _cdiv(c_all, config["BLOCK_O"]) * _cdiv(27 * c_in, block_k)
+        reductions = n * window * _cdiv(t * w, config["BLOCK_M"])
+        wanted = _cdiv(4 * _sm_count(x.device), tiles) if gpu_choices(x.device) else 2
+        per_split = _cdiv(reductions, max(1, min(reductions, wanted, 64)))
+        splits = _cdiv(reductions, per_split)
+        partial = _alloc.empty(splits, c_all, 27 * c_in, dtype=torch.float32, device=x.device)
+        kernels.rm_masked_wgrad_kernel[(tiles, splits)](
+            x, grad_part, params, partial, reductions, per_split, t, h, w, window, c_in, c_all,
+            *x.stride(), *grad_part.stride(), *mask_args, REGION=_REGION_IDS[region], BLOCK_K=block_k, **config,
+        )  # fmt: skip
+        dweight[c_pre - c_all :] += partial.sum(0).view(c_all, 3, 3, 3, c_in).permute(0, 4, 1, 2, 3)
+    return dx, dweight.to(weight.dtype).contiguous()
+
+
+_RM_FORWARD_SCHEMA = (
+    "(Tensor x, Tensor? weight_global, Tensor weight_rm, Tensor scales, Tensor params, str region, int rows, int cols, "
+    "float keep_prob, int branches, str fuse, float negative_slope) -> (Tensor, Tensor)"
+)
+_RM_BACKWARD_SCHEMA = (
+    "(Tensor grad_y, Tensor x, Tensor? weight_global, Tensor weight_rm, Tensor scales, Tensor params, Tensor gates, "
+    "str region, int rows, int cols, float keep_prob, int branches, str fuse, float negative_slope) -> (Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("fastgait::rmb_conv3d", mutates_args=(), schema=_RM_FORWARD_SCHEMA)
+def _rmb_op(x, weight_global, weight_rm, scales, params, region, rows, cols, keep_prob, branches, fuse, slope):
+    """The fused forward: ``(y, gates)``."""
+    with nvtx_range("rmb_conv3d.forward"):
+        return _rm_forward(x, weight_global, weight_rm, scales, params, region, rows, cols, keep_prob, branches,
+                           fuse, slope)
+
+
+@_rmb_op.register_fake
+def _(x, weight_global, weight_rm, scales, params, region, rows, cols, keep_prob, branches, fuse, slope):
+    c_out = weight_rm.shape[0] // branches
+    c_pre = weight_rm.shape[0] + (0 if weight_global is None else c_out)
+    return _rm_outputs(x, c_out, c_pre, branches + (weight_global is not None) if fuse == "concat" else 1)
+
+
+@torch.library.custom_op("fastgait::rmb_conv3d_backward", mutates_args=(), schema=_RM_BACKWARD_SCHEMA)
+def _rmb_backward_op(grad_y, x, weight_global, weight_rm, scales, params, gates, region, rows, cols, keep_prob,
+                     branches, fuse, slope):
+    """The fused backward: ``(dx, d[W_g; W_1..W_K])``."""
+    with nvtx_range("rmb_conv3d.backward"):
+        return _rm_backward(grad_y, x, weight_global, weight_rm, scales, params, gates, region, rows, cols, keep_prob,
+                            branches, fuse, slope)
+
+
+@_rmb_backward_op.register_fake
+def _(grad_y, x, weight_global, weight_rm, scales, params, gates, region, rows, cols, keep_prob, branches, fuse, slope):
+    n, c_in, t, h, w = x.shape
+    return _empty_activation(n, c_in, t, h, w, like=x), weight_rm.new_empty(gates.shape[1], c_in, 3, 3, 3)
+
+
+def _rm_setup_context(ctx, inputs, output):
+    x, weight_global, weight_rm, scales, params, *config = inputs
+    ctx.save_for_backward(x, weight_global, weight_rm, scales, params, output[1])
+    ctx.config = tuple(config)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _rm_autograd_backward(ctx, grad_y, _grad_gates):
+    x, weight_global, weight_rm, scales, params, gates = ctx.saved_tensors
+    dx, dweight = torch.ops.fastgait.rmb_conv3d_backward(
+        grad_y, x, weight_global, weight_rm, scales, params, gates, *ctx.config
+    )
+    c_all = weight_rm.shape[0]
+    dweight_global = None if weight_global is None else dweight[: dweight.shape[0] - c_all]
+    return (dx, dweight_global, dweight[-c_all:]) + (None,) * 9
+
+
+_rmb_op.register_autograd(_rm_autograd_backward, setup_context=_rm_setup_context)

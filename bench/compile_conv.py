@@ -151,9 +151,10 @@ def record_launches(op, dtype, layout, make_input, recording, quick=False):
     designs; training, evaluation and local-only for MLA) of ``op`` at each shape."""
     from fastgait.ops import _dispatch
     from fastgait.ops import conv_engine as engine
+    from fastgait.ops import reverse_mask as rm
 
     for name, c_in, c_out, h, w, fuse in SHAPES[:1] if quick else SHAPES:
-        with _dispatch.force_gpu_choices(), recording([(engine, "_kernels")]) as launches:
+        with _dispatch.force_gpu_choices(), recording([(engine, "_kernels"), (rm, "_kernels")]) as launches:
             x = make_input(BATCH, c_in, FRAMES, h, w, dtype, layout)
             weight = torch.empty(c_out, c_in, 3, 3, 3, dtype=dtype, device="meta")
             band = torch.empty(BATCH, dtype=torch.int64, device="meta")
@@ -163,6 +164,19 @@ def record_launches(op, dtype, layout, make_input, recording, quick=False):
                             (engine.Cuts("band", int(0.4 * h), band), None, "pair")]
             elif op == "gl":
                 variants = [(engine.Cuts("strips", h // 8), weight, "rest")]
+            elif op == "rm":  # ReverseMaskNet's Plain RMB (one branch) and Inception RMB (global + two)
+                params = torch.empty(3, dtype=torch.int64, device="meta")
+                for region in ("unit", "band", "block", "none"):
+                    rows = int(0.5 * h) if region != "none" else 0
+                    for glob, branches in ((None, 1), (weight, 2)):
+                        weight_rm = torch.empty(branches * c_out, c_in, 3, 3, 3, dtype=dtype, device="meta")
+                        scales = torch.empty(branches, 2, dtype=torch.float32, device="meta")
+                        args = (scales, params, region, rows, int(0.5 * w), 0.5, branches, fuse if glob is not None
+                                else "add", 0.01)
+                        y, gates = rm._rm_forward(x, glob, weight_rm, *args)
+                        rm._rm_backward(torch.empty_like(y), x, glob, weight_rm, args[0], args[1], gates, *args[2:])
+                yield f"{op} {name}", launches
+                continue
             else:
                 raise ValueError(f"unknown op {op!r}")
             for design in engine.DESIGNS:
@@ -176,7 +190,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--layouts", default="cl,contiguous")
-    parser.add_argument("--ops", default="mla,gl")
+    parser.add_argument("--ops", default="mla,gl,rm")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--filter", default="")
     args = parser.parse_args(argv)

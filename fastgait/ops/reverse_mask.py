@@ -373,7 +373,7 @@ def _rm_backward(grad_y, x, weight_global, weight_rm, scales, params, gates, reg
     _check_sample_extent(grad_y=grad_y)
     window = _window(region, h, rows) if has_mask else 1
     gpre = _empty_activation(n, c_pre, t, h, w, like=x)
-    grad_part = _window_buffer(x, c_all, window) if has_mask else gates
+    grad_part = _window_buffer(x, c_all, window, x.dtype) if has_mask else gates  # gA, an MMA operand
     mask_args = (rows, cols, unit_threshold(keep_prob))
     config = configs["elementwise"]
     kernels.rm_gated_grad_kernel[(_cdiv(t * h * w, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)](

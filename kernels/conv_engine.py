@@ -614,7 +614,8 @@ def cut_rows_p_kernel(
         t, w, m_ok, offs_c, c_ok = _row_tile(T, W, C_out, BLOCK_M, BLOCK_N)
         x_base = x_ptr + n.to(tl.int64) * stride_xn
         cut_part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kh in tl.static_range(3):
+        for side in tl.static_range(2):  # kernel rows 0 and 2: the middle row is never across
+            kh = 2 * side
             src_row = row + (kh - 1)
             if _across(row, src_row, start, size, H, GEOM):
                 pos = t * stride_xt + src_row * stride_xh + w * stride_xw

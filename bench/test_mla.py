@@ -1,4 +1,4 @@
-"""``mla_conv3d`` (``kernels/mla.py``): the fused MLA block against its reference.
+"""``mla_conv3d`` (``kernels/conv_engine.py``, the row-cut engine): the fused MLA block against its reference.
 
 Providers: ``reference-eager`` (``impl="reference"``: three cuDNN convolutions on masked copies,
 under bf16 autocast with channels-last-3d inputs, the fair baseline of fused_ops.md §1),
@@ -7,8 +7,10 @@ under bf16 autocast with channels-last-3d inputs, the fair baseline of fused_ops
 
 FLOPs of one forward, with ``conv = 2·N·C_in·C_out·27·T·H·W`` (one 3×3×3 convolution):
 - reference (executed): ``3·conv`` (global, and the local weight on ``X·M0`` and on ``X·M1``);
-- band-aware (the floor, and what the fused paths execute): ``2·conv + (4/H)·conv``: ``[G; F]``
-  as one convolution with ``2·C_out`` outputs, plus ``P0`` on at most 4 boundary rows per sample.
+- band-aware (the floor, and what the torch path executes): ``2·conv + (8/(3H))·conv``: ``[G; F]``
+  as one convolution with ``2·C_out`` outputs, plus ``P`` on at most 4 cut rows per sample, each
+  two kernel rows of three (the middle row never reads across the band edge; the Triton kernels
+  skip it too).
 The backward (dgrad and wgrad of each convolution) is twice the forward. ``test_flop_counts``
 checks both counts against PyTorch's FLOP counter.
 """
@@ -76,9 +78,9 @@ def cases(mode: h.Mode) -> list[h.Case]:
 
 
 def flops(config: MLAConfig, band_aware: bool) -> float:
-    """Forward FLOPs: band-aware ``(2 + 4/H)·conv``, or the reference's ``3·conv``."""
+    """Forward FLOPs: band-aware ``(2 + 8/(3H))·conv``, or the reference's ``3·conv``."""
     conv = h.conv3d_flops(config.n, config.c_in, config.c_out, config.t, config.h, config.w)
-    return (2 + 4 / config.h) * conv if band_aware else 3 * conv
+    return (2 + 8 / (3 * config.h)) * conv if band_aware else 3 * conv
 
 
 class MLABench(h.OpBench):

@@ -43,13 +43,13 @@ def _build_block(spec: dict, impl: str) -> nn.Module:
     if kind == "mla":
         return MLA(c_in, c_out, impl=impl, **spec)
     if kind == "gl":
-        return GLConv(c_in, c_out, spec.pop("halving", 3), spec.pop("fm_sign", False), **spec)
+        return GLConv(c_in, c_out, spec.pop("halving", 3), spec.pop("fm_sign", False), impl=impl, **spec)
     if kind == "conv":
         return C3(c_in, c_out)
     if kind == "rmb":
-        return PlainRMB(c_in, c_out, **spec)
+        return PlainRMB(c_in, c_out, impl=impl, **spec)
     if kind == "inception_rmb":
-        return InceptionRMB(c_in, c_out, **spec)
+        return InceptionRMB(c_in, c_out, impl=impl, **spec)
     raise ValueError(f"unknown block type {kind!r}; known: mla, gl, conv, rmb, inception_rmb, maxpool, "
                      "dropblock, scaling_dropblock")
 

@@ -80,6 +80,82 @@ def mla_conv3d_reference(
 
 
 # ----------------------------------------------------------------------------------------
+# ReverseMask blocks (blocks.md §3)
+# ----------------------------------------------------------------------------------------
+
+
+def rmb_conv3d_reference(
+    x: torch.Tensor,
+    weight_global: Optional[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    scales: torch.Tensor,
+    keep: Optional[torch.Tensor],
+    fuse: str = "add",
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """ReverseMask blocks on materialised masked copies of ``x`` (the spec).
+
+    x ``[n, c_in, t, h, w]``; weight_global: ``[c_out, c_in, 3, 3, 3]`` or None; weights: one
+    ``[c_out, c_in, 3, 3, 3]`` per RMFE branch; scales ``[len(weights), 2]``: each branch's
+    ``(alpha, beta)``; keep: the mask ``Mm [h, w]`` (shared by the batch, channels, frames and
+    branches), or None for no perturbation. Each RMFE branch is
+    ``c3(Xa) + c3(Xb)`` with ``Xa = alpha*X*Mm + beta*X*Mr``, ``Xb = (1-alpha)*X*Mm + (1-beta)*X*Mr``,
+    ``Mr = 1 - Mm`` (``c3(X)`` without a mask). The branches (global first) are summed
+    (``fuse="add"``) or stacked along H (``"concat"``).
+    """
+    branches = [] if weight_global is None else [conv3x3x3_lrelu(x, weight_global, negative_slope)]
+    for weight, (alpha, beta) in zip(weights, scales):
+        if keep is None:
+            branches.append(conv3x3x3_lrelu(x, weight, negative_slope))
+            continue
+        kept = keep.to(x.dtype)
+        x_a = x * (alpha * kept + beta * (1 - kept))
+        x_b = x * ((1 - alpha) * kept + (1 - beta) * (1 - kept))
+        branches.append(conv3x3x3_lrelu(x_a, weight, negative_slope) + conv3x3x3_lrelu(x_b, weight, negative_slope))
+    if fuse == "add":
+        return sum(branches[1:], branches[0])
+    if fuse == "concat":
+        return torch.cat(branches, dim=3)
+    raise ValueError(f"fuse must be 'add' or 'concat', got {fuse!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# GaitGL's GL block (blocks.md §4, OpenGait semantics)
+# ----------------------------------------------------------------------------------------
+
+
+def gl_strip_rows(height: int, halving: int) -> int:
+    """Rows per strip of GaitGL's local conv: ``height // 2**halving`` (OpenGait's ``torch.split``
+    size; the last strip is shorter when it does not divide ``height``)."""
+    strip = height // 2**halving
+    if strip < 1:
+        raise ValueError(f"GL block: {height} rows cannot be cut into 2**{halving} strips; lower halving")
+    return strip
+
+
+def gl_conv3d_reference(
+    x: torch.Tensor,
+    weight_global: torch.Tensor,
+    weight_local: torch.Tensor,
+    halving: int,
+    fm_sign: bool = False,
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """The GL block as OpenGait computes it: the local conv on each strip separately (zero
+    padding at every strip border), the strips put back together; ``fm_sign=False``:
+    ``lrelu(global) + lrelu(local)``, ``fm_sign=True``: ``lrelu(concat_H(global, local))``."""
+    glob = F.conv3d(x, weight_global, padding=1)
+    if halving == 0:
+        local = F.conv3d(x, weight_local, padding=1)
+    else:
+        strip = gl_strip_rows(x.shape[3], halving)
+        local = torch.cat([F.conv3d(part, weight_local, padding=1) for part in x.split(strip, 3)], 3)
+    if fm_sign:
+        return F.leaky_relu(torch.cat([glob, local], dim=3), negative_slope)
+    return F.leaky_relu(glob, negative_slope) + F.leaky_relu(local, negative_slope)
+
+
+# ----------------------------------------------------------------------------------------
 # GeM over horizontal strips, with the temporal max (blocks.md §5)
 # ----------------------------------------------------------------------------------------
 

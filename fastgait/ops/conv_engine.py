@@ -1,0 +1,513 @@
+"""The row-cut convolution engine: one 3x3x3 convolution whose rows are cut at given borders.
+
+Shared by the MLA block (``fastgait.ops.mla``: a per-sample band, the complementary pair),
+GaitGL's GL block (``fastgait.ops.gl``: fixed strips, zero padding at every strip border) and
+the band-region ReverseMask pair. The math (``kernels/conv_engine.py``, docs/mla_notes.md):
+``[G; F] = [W_g; W_l] * X`` as one convolution with stacked weights; on the *cut rows* (the
+rows either side of a border, at most 2 per border) also ``P``, the kernel rows of ``F`` that
+read across the border; the local branch is ``lrelu(P) + lrelu(F - P)`` (terms ``"pair"``) or
+``lrelu(F - P)`` (terms ``"rest"``) there and ``lrelu(F)`` elsewhere; fusion by add or concat.
+
+Paths:
+- ``cut_conv3d_torch``: the engine in plain PyTorch (autograd derives the backward); the CPU path.
+- ``cut_conv3d_triton``: the fused op ``fastgait::cut_conv3d`` (+ ``fastgait::cut_conv3d_backward``),
+  registered with ``torch.library``, in two designs: ``"hybrid"`` (vendor convolution for
+  ``[G; F]``, Triton kernels for ``P`` on the cut rows and the epilogue; vendor dgrad/wgrad plus
+  Triton kernels for the cut rows' terms) and ``"gemm"`` (Triton implicit GEMM throughout).
+The ops that use it validate their inputs; the engine assumes valid ones.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .._nvtx import nvtx_range
+from . import _alloc
+from ._dispatch import gpu_choices, sm_count
+from .conv import conv3d
+
+OP = "cut_conv3d"
+GEOMETRIES = ("band", "strips")
+TERMS = ("pair", "rest")
+FUSES = ("add", "concat")
+DESIGNS = ("hybrid", "gemm")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The default design is "hybrid", chosen by reasoning and by the first H200 run
+# (shared/measurements/2026-11-30-nvidia-h200*: MLA fwd+bwd, hybrid 0.65-0.99x the eager
+# reference, gemm 2.0-3.7x, before the gemm design's 128x64 tiles and single dot). Re-measure
+# with `pytest bench --benchmark` and flip it if "gemm" wins.
+DEFAULT_DESIGN = "hybrid"
+
+
+@dataclass(frozen=True)
+class Cuts:
+    """Where a sample's rows are cut: ``geometry="band"`` (two segments: ``[start, start + size)``
+    per sample from ``band_start [n]``, and the rest) or ``"strips"`` (strips of ``size`` rows,
+    the last one shorter when ``size`` does not divide the height)."""
+
+    geometry: str
+    size: int
+    band_start: Optional[torch.Tensor] = None
+
+    @property
+    def geom_id(self) -> int:
+        return GEOMETRIES.index(self.geometry)
+
+    def slots(self, height: int) -> int:
+        """Cut-row slots per sample: 4 for a band, 2 per border for strips."""
+        if self.geometry == "band":
+            return 4
+        return 2 * (_cdiv(height, self.size) - 1)
+
+    def any(self, height: int) -> bool:
+        """Whether any row is cut (a band that is neither empty nor the whole map; more than one strip)."""
+        if self.geometry == "band":
+            return self.band_start is not None and 0 < self.size < height
+        return self.size < height
+
+    def band_pointer(self, placeholder: torch.Tensor) -> torch.Tensor:
+        return self.band_start if self.geometry == "band" and self.band_start is not None else placeholder
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------
+# "torch": the engine in plain PyTorch (autograd derives the backward)
+# ----------------------------------------------------------------------------------------
+
+
+def cut_rows(cuts: Cuts, batch: int, height: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cut rows of each sample, slot by slot: ``(rows [n, slots], live [n, slots])``.
+
+    ``rows`` are clamped into the map; ``live`` marks real cut rows that no earlier slot holds
+    (the same slot order and liveness as the kernels').
+    """
+    slots = cuts.slots(height)
+    index = torch.arange(slots, device=device)
+    if cuts.geometry == "band":
+        start = cuts.band_start.long().view(-1, 1)
+        rows = start - 1 + index + (index // 2) * (cuts.size - 2)  # start-1, start, end-1, end
+        repeat = (index == 2) & (rows == start)
+    else:
+        rows = ((index // 2 + 1) * cuts.size - 1 + index % 2).expand(batch, slots)
+        repeat = ((index % 2 == 0) & (index > 0) & (cuts.size == 1)).expand(batch, slots)
+    on_map = (rows >= 0) & (rows < height)
+    cut = (_across(cuts, rows, rows - 1, height) | _across(cuts, rows, rows + 1, height)) & on_map
+    return rows.clamp(0, height - 1), cut & ~repeat
+
+
+def _segment(cuts: Cuts, rows: torch.Tensor) -> torch.Tensor:
+    if cuts.geometry == "band":
+        start = cuts.band_start.long().view(-1, *([1] * (rows.dim() - 1)))
+        return ((rows >= start) & (rows < start + cuts.size)).long()
+    return torch.div(rows, cuts.size, rounding_mode="floor")
+
+
+def _across(cuts: Cuts, rows: torch.Tensor, sources: torch.Tensor, height: int) -> torch.Tensor:
+    """Source rows on the map and in another segment than the output rows (same shapes)."""
+    return (sources >= 0) & (sources < height) & (_segment(cuts, sources) != _segment(cuts, rows))
+
+
+def local_terms(full: torch.Tensor, cut_part: torch.Tensor, terms: str, negative_slope: float) -> torch.Tensor:
+    """The local branch on a cut row from ``F`` and ``P``."""
+    rest = full - cut_part
+    if terms == "pair":
+        return F.leaky_relu(cut_part, negative_slope) + F.leaky_relu(rest, negative_slope)
+    return F.leaky_relu(rest, negative_slope)
+
+
+def cut_conv3d_torch(
+    x: torch.Tensor,
+    weight_global: Optional[torch.Tensor],
+    weight_local: torch.Tensor,
+    cuts: Cuts,
+    fuse: str = "add",
+    terms: str = "pair",
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """The engine in plain PyTorch: ``[G; F]`` in one convolution, then the cut rows' correction."""
+    c_out = weight_local.shape[0]
+    weight = weight_local if weight_global is None else torch.cat([weight_global, weight_local], dim=0)
+    pre = conv3d(x, weight, padding=1)  # [n, (2)c_out, t, h, w]: [G, F] in one convolution
+    pre_local = pre[:, -c_out:]
+    local = F.leaky_relu(pre_local, negative_slope)
+    if cuts.any(x.shape[3]):
+        local = _add_cut_correction(local, x, weight_local, pre_local, cuts, terms, negative_slope)
+    if weight_global is None:
+        return local
+    glob = F.leaky_relu(pre[:, :c_out], negative_slope)
+    return glob + local if fuse == "add" else torch.cat([glob, local], dim=3)
+
+
+def _add_cut_correction(local, x, weight_local, pre_local, cuts, terms, negative_slope):
+    """``local`` plus ``terms(F, P) - lrelu(F)`` on the cut rows.
+
+    ``P`` only has kernel rows 0 and 2 (the middle row is never across): the across source rows
+    above and below each cut row, stacked along channels, make one 2-D convolution over
+    ``(t, w)`` with the kernel ``[W[:, :, :, 0]; W[:, :, :, 2]]`` (2-D convolutions are much faster
+    than 3-D ones of one row on a CPU). It costs ``2*slots/(3*h)`` of a convolution.
+    """
+    n, c_in, t, height, w = x.shape
+    rows, live = cut_rows(cuts, n, height, x.device)  # [n, S]
+    slots = rows.shape[1]
+    batch = torch.arange(n, device=x.device).view(n, 1)
+    x_rows = x.permute(0, 3, 1, 2, 4)  # [n, h, c_in, t, w]
+    sources = []
+    for kh in (0, 2):
+        src = rows + (kh - 1)
+        across = _across(cuts, rows, src, height) & live  # [n, S]
+        sources.append(x_rows[batch, src.clamp(0, height - 1)] * across.to(x.dtype).view(n, slots, 1, 1, 1))
+    stacked = torch.stack(sources, dim=2).reshape(n * slots, 2 * c_in, t, w)  # channel index kh_side*c_in + c
+    weight2d = torch.stack([weight_local[:, :, :, 0], weight_local[:, :, :, 2]], dim=1)  # [c_out, 2, c_in, kt, kw]
+    weight2d = weight2d.reshape(weight_local.shape[0], 2 * c_in, 3, 3)
+    cut_part = F.conv2d(stacked, weight2d, padding=1).view(n, slots, -1, t, w)  # [n, S, c_out, t, w]
+    full = pre_local.permute(0, 3, 1, 2, 4)[batch, rows]  # [n, S, c_out, t, w]
+    correction = local_terms(full, cut_part, terms, negative_slope) - F.leaky_relu(full, negative_slope)
+    correction = correction * live.view(n, slots, 1, 1, 1)
+    # Out of place, accumulating: dead slots add zeros, and autograd stays exact.
+    out = local.permute(0, 3, 1, 2, 4).index_put((batch.expand(n, slots), rows), correction, accumulate=True)
+    return out.permute(0, 2, 3, 1, 4)  # [n, c_out, t, h, w]
+
+
+# ----------------------------------------------------------------------------------------
+# "triton": launchers, the torch.library ops and their autograd
+# ----------------------------------------------------------------------------------------
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels see: autocast's when it is on (as for autocast convolutions)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """``fastgait.kernels.conv_engine``, imported on first use (Triton reads TRITON_INTERPRET at import)."""
+    from fastgait.kernels import conv_engine
+
+    return conv_engine
+
+
+def _block(size: int, low: int, high: int) -> int:
+    """A power-of-two block for a dimension of ``size``, in ``[low, high]`` (tl.dot needs >= 16)."""
+    return max(low, min(high, 1 << max(size - 1, 0).bit_length()))
+
+
+def launch_configs(
+    device: torch.device, c_in: int, c_out: int, c_pre: int, row_len: int, channels_last: bool = True
+) -> dict:
+    """Block sizes and warps per kernel.
+
+    GPU: every ``tl.dot`` tile is 128 x 64 (or larger) over 8 warps, so that sm_90 runs it as
+    wgmma with 64-row tiles per warpgroup; the forward GEMM's dot spans both branches (its
+    ``BLOCK_N`` output channels are ``2*BLOCK_N`` pack columns). Checked to compile for sm_90a
+    with Triton 3.6 and 3.9 (``python -m bench.compile_conv``); untuned otherwise: time them with
+    ``pytest bench --benchmark``.
+    Interpreter: large blocks, because its cost is per operation, not per element.
+    """
+    gpu = gpu_choices(device)
+
+    def block(size, gpu_cap, interpreter_cap, low=16):
+        return _block(size, low, gpu_cap if gpu else interpreter_cap)
+
+    flat = 128  # positions per program of the per-sample kernels
+    row = block(row_len, 128, 128, low=64 if gpu else 16)  # positions (t, w) per program of the per-row kernels
+    gemm_n = 64 if c_pre == c_out and channels_last else 32  # with a global weight the dot is 2 * 32 columns wide
+    return {
+        # Without channels-last the A tiles are gathers strided in K: a 64-wide K block spills there.
+        "gemm": dict(BLOCK_M=flat, BLOCK_N=block(c_out, gemm_n, 16), BLOCK_K=block(9 * c_in, 64 if channels_last else 32, 64),
+                     num_warps=8),
+        "dgrad": dict(BLOCK_M=flat, BLOCK_N=block(c_in, 64, 16), BLOCK_K=block(9 * c_pre, 64, 64), num_warps=8),
+        "p0": dict(BLOCK_M=row, BLOCK_N=block(c_out, 64, 16), BLOCK_K=block(9 * c_in, 64, 64), num_warps=8),
+        "delta_dgrad": dict(BLOCK_M=row, BLOCK_N=block(c_in, 64, 16), BLOCK_K=block(9 * c_out, 64, 64), num_warps=8),
+        "elementwise": dict(BLOCK_M=64 if gpu else 128, BLOCK_N=block(c_out, 32, 16), num_warps=4 if gpu else 8),
+        "wgrad": dict(BLOCK_M=64 if gpu else 256, BLOCK_O=_block(c_pre, 16, 128), num_warps=8),
+    }
+
+
+def _check_sample_extent(**tensors: torch.Tensor) -> None:
+    """The kernels index within one sample in int32 (the batch offset is int64): check it fits."""
+    for name, t in tensors.items():
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+        if extent >= 2**31:
+            raise ValueError(
+                f"{OP}: one sample of {name} spans {extent} elements (shape {tuple(t.shape)}, strides "
+                f"{t.stride()}); impl='triton' needs fewer than 2**31. Use impl='torch'."
+            )
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _empty_activation(n: int, c: int, t: int, h: int, w: int, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A new ``[n, c, t, h, w]`` tensor in ``like``'s memory format (channels-last-3d stays so)."""
+    dtype = dtype or like.dtype
+    if _is_channels_last(like):
+        return _alloc.empty(n, t, h, w, c, dtype=dtype, device=like.device).permute(0, 4, 1, 2, 3)
+    return _alloc.empty(n, c, t, h, w, dtype=dtype, device=like.device)
+
+
+def _in_format_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s memory format (a no-op when the vendor already chose it)."""
+    fmt = torch.channels_last_3d if _is_channels_last(like) else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+def _stacked(weight_global: Optional[torch.Tensor], weight_local: torch.Tensor) -> torch.Tensor:
+    """``[W_g; W_l]`` (``2*c_out`` output channels), or ``W_l`` alone."""
+    return weight_local if weight_global is None else torch.cat([weight_global, weight_local], dim=0)
+
+
+def _forward_pack(weight: torch.Tensor) -> torch.Tensor:
+    """``[c_dst, c_src, kt, kh, kw]`` -> ``[kh, kt, kw, c_src, c_dst]``: one B matrix per kernel row."""
+    return weight.permute(3, 2, 4, 1, 0).contiguous()
+
+
+def _dgrad_pack(weight: torch.Tensor) -> torch.Tensor:
+    """The flipped, transposed kernel, packed: ``[kh, kt, kw, c_dst, c_src]`` (dgrad = a forward conv)."""
+    return _forward_pack(weight.flip(2, 3, 4).transpose(0, 1))
+
+
+def _forward_outputs(x, c_out, c_pre, fuse_concat):
+    """``y [n, c_out, t, h or 2h, w]`` and the gates ``[n, c_pre, t, h, w]`` (uint8), in x's format."""
+    n, _, t, h, w = x.shape
+    y = _empty_activation(n, c_out, t, 2 * h if fuse_concat else h, w, like=x)
+    return y, _empty_activation(n, c_pre, t, h, w, like=x, dtype=torch.uint8)
+
+
+def _wgrad(x, grad, grad_strides, c_grad, slots, cuts, config):
+    """fp32 ``[c_grad, c_in, 3, 3, 3]``: ``sum grad[p, o] * x[p + tap, c]`` over ``(n, slot, t, w)``.
+
+    ``grad_strides``: ``(n, c, t, slot, w)`` strides of ``grad``. With ``cuts`` (a :class:`Cuts`)
+    the slots are cut slots and X is read on the across rows only (the delta term).
+    """
+    n, c_in, t, h, w = x.shape
+    block_k = _block(27 * c_in, 16, 64 if gpu_choices(x.device) else 128)
+    tiles = _cdiv(c_grad, config["BLOCK_O"]) * _cdiv(27 * c_in, block_k)
+    reductions = n * slots * _cdiv(t * w, config["BLOCK_M"])  # position tiles, each within one (n, slot) row
+    if gpu_choices(x.device):  # split the reduction until the GPU is busy; partial sums keep it deterministic
+        wanted = _cdiv(4 * sm_count(x.device), tiles)
+    else:  # the interpreter: two splits keep the partial-sum path exercised
+        wanted = 2
+    splits = max(1, min(reductions, wanted, 64))
+    per_split = _cdiv(reductions, splits)
+    splits = _cdiv(reductions, per_split)
+    partial = _alloc.empty(splits, c_grad, 27 * c_in, dtype=torch.float32, device=x.device)
+    band = cuts.band_pointer(partial) if cuts is not None else partial
+    _kernels().conv3x3x3_wgrad_kernel[(tiles, splits)](
+        x, grad, band, partial, reductions, per_split, slots, t, h, w, c_in, c_grad,
+        *x.stride(), *grad_strides, cuts.size if cuts is not None else 0, CUT_EDGES=cuts is not None,
+        GEOM=cuts.geom_id if cuts is not None else 0, BLOCK_K=block_k, **config,
+    )  # fmt: skip
+    return partial.sum(0).view(c_grad, 3, 3, 3, c_in).permute(0, 4, 1, 2, 3)
+
+
+def _interleaved(weight_global: Optional[torch.Tensor], weight_local: torch.Tensor) -> torch.Tensor:
+    """The GEMM forward's stacked weight: output channel ``2*o + b`` is branch ``b`` (0 global, 1 local)
+    of channel ``o``, so one dot over contiguous pack columns yields both branches of a channel block."""
+    if weight_global is None:
+        return weight_local
+    return torch.stack([weight_global, weight_local], dim=1).flatten(0, 1)
+
+
+def cut_conv3d_triton(
+    x: torch.Tensor,
+    weight_global: Optional[torch.Tensor],
+    weight_local: torch.Tensor,
+    cuts: Cuts,
+    fuse: str = "add",
+    terms: str = "pair",
+    negative_slope: float = 0.01,
+    design: str = DEFAULT_DESIGN,
+    op: str = OP,
+) -> torch.Tensor:
+    """The fused op; under autocast, x and the weights are cast first (custom ops are not
+    auto-cast), like autocast does for ``F.conv3d``. ``op`` names the caller in errors."""
+    if design not in DESIGNS:
+        raise ValueError(f"{op}: design must be one of {DESIGNS}, got {design!r}")
+    dtype = compute_dtype(x)
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(f"{op}: impl='triton' computes in float32, float16 or bfloat16, got {dtype}; use impl='torch'")
+    x, weight_local = x.to(dtype), weight_local.to(dtype)
+    weight_global = None if weight_global is None else weight_global.to(dtype)
+    y, _ = torch.ops.fastgait.cut_conv3d(
+        x, weight_global, weight_local, cuts.band_start, cuts.geometry, int(cuts.size), fuse, terms,
+        float(negative_slope), design,
+    )  # fmt: skip
+    return y
+
+
+def _slot_rows(x, slots, c, dtype=None):
+    """A per-sample cut-slot buffer ``[n, slots, t, w, c]``; kernels touch its live slots only."""
+    n, _, t, _, w = x.shape
+    return _alloc.empty(n, max(slots, 1), t, w, c, dtype=dtype or x.dtype, device=x.device)
+
+
+def _forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, design):
+    """``(y, gates)``: the block's output and the one-byte gates its backward needs."""
+    kernels = _kernels()
+    n, c_in, t, h, w = x.shape
+    c_out = weight_local.shape[0]
+    has_global = weight_global is not None
+    has_cuts = cuts.any(h)
+    slots = cuts.slots(h)
+    fuse_concat = has_global and fuse == "concat"
+    weight = _stacked(weight_global, weight_local)
+    configs = launch_configs(x.device, c_in, c_out, weight.shape[0], t * w, x.stride(1) == 1)
+    y, gates = _forward_outputs(x, c_out, weight.shape[0], fuse_concat)
+    _check_sample_extent(x=x, y=y)
+    band = cuts.band_pointer(gates) if has_cuts else gates  # a placeholder pointer where unused
+    flags = dict(GEOM=cuts.geom_id, TERMS=TERMS.index(terms), HAS_GLOBAL=has_global, HAS_CUTS=has_cuts,
+                 FUSE_CONCAT=fuse_concat)
+    plane = t * h * w  # positions per sample
+    if design == "gemm":
+        config = configs["gemm"]
+        grid = (_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)
+        kernels.cut_conv_forward_gemm_kernel[grid](
+            x, _forward_pack(_interleaved(weight_global, weight_local)), band, y, gates, t, h, w, c_in, c_out,
+            *x.stride(), *y.stride(), *gates.stride(), cuts.size, negative_slope, **flags, **config,
+        )  # fmt: skip
+        return y, gates
+
+    pre = F.conv3d(x, weight, padding=1)  # [G; F] by the vendor, a temporary
+    _check_sample_extent(pre=pre)
+    p_rows = _slot_rows(x, slots, c_out, torch.float32) if has_cuts else gates  # (a placeholder without cuts)
+    if has_cuts:
+        config = configs["p0"]
+        grid = (n * slots, _cdiv(t * w, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]))
+        kernels.cut_rows_p_kernel[grid](
+            x, _forward_pack(weight_local), band, p_rows, slots, t, h, w, c_in, c_out,
+            *x.stride(), *p_rows.stride(), cuts.size, GEOM=cuts.geom_id, **config,
+        )  # fmt: skip
+    config = configs["elementwise"]
+    kernels.cut_conv_epilogue_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)](
+        pre, p_rows, band, y, gates, t, h, w, c_out,
+        *pre.stride(), *p_rows.stride(), *y.stride(), *gates.stride(), cuts.size, negative_slope,
+        **flags, **config,
+    )  # fmt: skip
+    return y, gates
+
+
+def _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, negative_slope, design):
+    """``(dx, d[W_g; W_l])`` from the saved gates."""
+    kernels = _kernels()
+    n, c_in, t, h, w = x.shape
+    c_out = weight_local.shape[0]
+    has_global = weight_global is not None
+    has_cuts = cuts.any(h)
+    slots = cuts.slots(h)
+    weight = _stacked(weight_global, weight_local)
+    c_pre = weight.shape[0]
+    configs = launch_configs(x.device, c_in, c_out, c_pre, t * w, x.stride(1) == 1)
+    plane = t * h * w  # positions per sample
+    _check_sample_extent(grad_y=grad_y)
+    band = cuts.band_pointer(gates) if has_cuts else gates
+
+    # gpre = [g_G a'(G); g_L a'(F')], and delta = dY/dP on the cut slots.
+    gpre = _empty_activation(n, c_pre, t, h, w, like=x)
+    delta = _slot_rows(x, slots, c_out) if has_cuts else gates
+    config = configs["elementwise"]
+    kernels.cut_conv_gated_grad_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)](
+        grad_y, gates, band, gpre, delta, t, h, w, c_out,
+        *grad_y.stride(), *gates.stride(), *gpre.stride(), *delta.stride(), cuts.size, negative_slope,
+        GEOM=cuts.geom_id, TERMS=TERMS.index(terms), HAS_GLOBAL=has_global, HAS_CUTS=has_cuts,
+        FUSE_CONCAT=has_global and fuse == "concat", **config,
+    )  # fmt: skip
+
+    if design == "gemm":
+        dx = _empty_activation(n, c_in, t, h, w, like=x)
+        config = configs["dgrad"]
+        kernels.conv3x3x3_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_in, config["BLOCK_N"]), n)](
+            gpre, _dgrad_pack(weight), dx, t, h, w, c_pre, c_in, *gpre.stride(), *dx.stride(), **config
+        )
+        dweight = _wgrad(x, gpre, gpre.stride(), c_pre, h, None, configs["wgrad"])
+    else:
+        dx, dweight, _ = torch.ops.aten.convolution_backward(
+            gpre, x, weight, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1, [True, True, False]
+        )
+        dx = _in_format_of(dx, like=x)
+        dweight = dweight.float()
+
+    if has_cuts:  # the delta terms: W_l^T conv delta into dx's across rows, X[across] conv delta into dW_l
+        d = delta.stride()  # [n, S, t, w, c]
+        config = configs["delta_dgrad"]
+        grid = (n * slots, _cdiv(t * w, config["BLOCK_M"]), _cdiv(c_in, config["BLOCK_N"]))
+        kernels.cut_conv_delta_dgrad_kernel[grid](
+            delta, _dgrad_pack(weight_local), band, dx, slots, t, h, w, c_out, c_in, *d, *dx.stride(), cuts.size,
+            GEOM=cuts.geom_id, **config,
+        )  # fmt: skip
+        delta_strides = (d[0], d[4], d[2], d[1], d[3])  # as (n, c, t, slot, w)
+        config = dict(configs["wgrad"], BLOCK_O=_block(c_out, 16, 64))
+        dweight[c_pre - c_out :] += _wgrad(x, delta, delta_strides, c_out, slots, cuts, config)
+    return dx, dweight.to(weight.dtype).contiguous()
+
+
+_FORWARD_SCHEMA = (
+    "(Tensor x, Tensor? weight_global, Tensor weight_local, Tensor? band_start, str geometry, int size, str fuse, "
+    "str terms, float negative_slope, str design) -> (Tensor, Tensor)"
+)
+_BACKWARD_SCHEMA = (
+    "(Tensor grad_y, Tensor x, Tensor? weight_global, Tensor weight_local, Tensor? band_start, Tensor gates, "
+    "str geometry, int size, str fuse, str terms, float negative_slope, str design) -> (Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("fastgait::cut_conv3d", mutates_args=(), schema=_FORWARD_SCHEMA)
+def _cut_conv3d_op(x, weight_global, weight_local, band_start, geometry, size, fuse, terms, negative_slope, design):
+    """The fused forward: ``(y, gates)``; the uint8 gates are what the backward needs."""
+    with nvtx_range("cut_conv3d.forward"):
+        cuts = Cuts(geometry, size, band_start)
+        return _forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, design)
+
+
+@_cut_conv3d_op.register_fake
+def _(x, weight_global, weight_local, band_start, geometry, size, fuse, terms, negative_slope, design):
+    c_out = weight_local.shape[0]
+    c_pre = c_out if weight_global is None else 2 * c_out
+    return _forward_outputs(x, c_out, c_pre, weight_global is not None and fuse == "concat")
+
+
+@torch.library.custom_op("fastgait::cut_conv3d_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def _cut_conv3d_backward_op(
+    grad_y, x, weight_global, weight_local, band_start, gates, geometry, size, fuse, terms, negative_slope, design
+):
+    """The fused backward: ``(dx, d[W_g; W_l])`` (the stacked weight gradient)."""
+    with nvtx_range("cut_conv3d.backward"):
+        cuts = Cuts(geometry, size, band_start)
+        return _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, negative_slope, design)
+
+
+@_cut_conv3d_backward_op.register_fake
+def _(grad_y, x, weight_global, weight_local, band_start, gates, geometry, size, fuse, terms, negative_slope, design):
+    n, c_in, t, h, w = x.shape
+    return _empty_activation(n, c_in, t, h, w, like=x), weight_local.new_empty(gates.shape[1], c_in, 3, 3, 3)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_global, weight_local, band_start, *config = inputs
+    _, gates = output
+    ctx.save_for_backward(x, weight_global, weight_local, band_start, gates)
+    ctx.config = tuple(config)
+    ctx.mark_non_differentiable(gates)
+
+
+def _autograd_backward(ctx, grad_y, _grad_gates):
+    x, weight_global, weight_local, band_start, gates = ctx.saved_tensors
+    dx, dweight = torch.ops.fastgait.cut_conv3d_backward(
+        grad_y, x, weight_global, weight_local, band_start, gates, *ctx.config
+    )
+    c_out = weight_local.shape[0]
+    dweight_global = None if weight_global is None else dweight[:c_out]
+    return (dx, dweight_global, dweight[-c_out:]) + (None,) * 7
+
+
+_cut_conv3d_op.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -15,11 +15,13 @@ import contextlib
 import pytest
 import torch
 
-from fastgait.ops import draw_band_starts, gem_hpp, part_distance, triplet_loss
+from fastgait.ops import draw_band_starts, draw_mask, gem_hpp, part_distance, rmb_conv3d, triplet_loss
+from fastgait.ops.gl import gl_conv3d_triton
 from fastgait.ops.mla import DESIGNS, mla_conv3d_triton
 from fastgait.ops.reference import (
     band_height as band_rows_for,
     gem_hpp_reference,
+    gl_conv3d_reference,
     mla_conv3d_reference,
     part_distance_reference,
     triplet_loss_reference,
@@ -82,6 +84,63 @@ def test_mla_parity(design, c_in, c_out, h, w, fuse, dtype):
     with tf32(False):
         exact = _forward_backward(reference, [leaf.double() for leaf in leaves], upstream.double())
     assert_within_reference_error(("y", "dx", "dw_global", "dw_local"), got, low, exact)
+
+
+def _conv_inputs(gen, n, c_in, c_out, t, h, w, weights):
+    x = torch.randn(n, c_in, t, h, w, device="cuda", generator=gen).to(memory_format=torch.channels_last_3d)
+    ws = [torch.randn(c_out, c_in, 3, 3, 3, device="cuda", generator=gen) * (c_in * 27) ** -0.5 for _ in range(weights)]
+    return [x.requires_grad_(), *(wt.requires_grad_() for wt in ws)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("c_in, c_out, h, w, fm_sign", [(32, 64, 64, 44, False), (64, 128, 32, 22, False),
+                                                        (128, 128, 32, 22, True)])
+def test_gl_parity(design, c_in, c_out, h, w, fm_sign, dtype):
+    """GaitGL's GL blocks (halving 3: 8 strips) at the CASIA-B shapes."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    leaves = _conv_inputs(gen, 8, c_in, c_out, 10, h, w, 2)
+    upstream = torch.randn(8, c_out, 10, 2 * h if fm_sign else h, w, device="cuda", generator=gen)
+
+    def fused(x, wg, wl):
+        return gl_conv3d_triton(x, wg, wl, 3, fm_sign, design=design)
+
+    def reference(x, wg, wl):
+        return gl_conv3d_reference(x, wg, wl, 3, fm_sign)
+
+    with _precision(dtype):
+        got = _forward_backward(fused, leaves, upstream)
+        low = _forward_backward(reference, leaves, upstream)
+    with tf32(False):
+        exact = _forward_backward(reference, [leaf.detach().double().requires_grad_() for leaf in leaves],
+                                  upstream.double())
+    assert_within_reference_error(("y", "dx", "dw_global", "dw_local"), got, low, exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("region", ["unit", "band", "block"])
+@pytest.mark.parametrize("fuse", ["add", "concat"])
+def test_reverse_mask_parity(region, fuse, dtype):
+    """The Inception RMB (global, dropping and scaling branches) at ReverseMaskNet's 64->128 at 32x22."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    c_in, c_out, h, w = 64, 128, 32, 22
+    leaves = _conv_inputs(gen, 8, c_in, c_out, 10, h, w, 3)
+    torch.manual_seed(3)
+    draw = draw_mask(region, 0.5, h, w, device=torch.device("cuda"))
+    scales = torch.tensor([[1.0, 0.0], [0.3, 0.8]], device="cuda")
+    rows = 3 * h if fuse == "concat" else h  # concat: the global, dropping and scaling branches along H
+    upstream = torch.randn(8, c_out, 10, rows, w, device="cuda", generator=gen)
+
+    def run(impl):
+        return lambda x, wg, wd, ws: rmb_conv3d(x, wg, [wd, ws], scales, draw, fuse, impl=impl)
+
+    with _precision(dtype):
+        got = _forward_backward(run("triton"), leaves, upstream)
+        low = _forward_backward(run("reference"), leaves, upstream)
+    with tf32(False):
+        exact = _forward_backward(run("reference"), [leaf.detach().double().requires_grad_() for leaf in leaves],
+                                  upstream.double())
+    assert_within_reference_error(("y", "dx", "dw_global", "dw_dropping", "dw_scaling"), got, low, exact)
 
 
 @pytest.mark.parametrize("bins", [(64,), (1, 2, 4, 8, 16)])

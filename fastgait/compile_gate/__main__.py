@@ -62,13 +62,14 @@ def render(found, results: dict, versions: dict, capability: int, errors: list[s
     lines += [
         "Columns: registers per thread, spilled bytes (stores + loads), shared memory (bytes) — each as "
         + " / ".join(labels) + "; warps and stages; the tensor-core instructions in the SASS "
-        "(`HGMMA` = wgmma on Hopper, with its m×n×k shape; `HMMA` = mma.sync) with Triton "
+        "(`HGMMA` = wgmma on Hopper, with its m×n×k shape; `HMMA` = mma.sync) and the 64-bit integer "
+        "divisions and remainders in the PTX (software routines on the GPU) with Triton "
         f"{versions[labels[-1]]}. *hot*: the launch runs in the trainer's layout (channels-last-3d).",
         "",
     ]
     header = ("| kernel | op | config | hot | registers | spills (B) | shared (B) | warps/stages "
-              "| tensor-core instructions | scenarios |")
-    lines += [header, "|---|---|---|---|---|---|---|---|---|---|"]
+              "| tensor-core instructions | int64 div/rem | scenarios |")
+    lines += [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(found, key=lambda l: (l.module, l.kernel, gate.config_label(l)))
     for launch in order:
         per = [results[v][launch.key] for v in labels]
@@ -81,7 +82,7 @@ def render(found, results: dict, versions: dict, capability: int, errors: list[s
             f"| `{launch.kernel}` | {launch.op.replace('fastgait::', '')} | {gate.config_label(launch)} | {hot} "
             f"| {' / '.join(_cell(r, 'registers') for r in per)} | {' / '.join(_spills(r) for r in per)} "
             f"| {' / '.join(_cell(r, 'shared_bytes') for r in per)} | {warps} | {_tensor_core(last)} "
-            f"| {example}{more} |")
+            f"| {_cell(last, 'int64_divisions')} | {example}{more} |")
     return "\n".join(lines) + "\n"
 
 

@@ -81,6 +81,7 @@ def _jit_function(kernel):
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
+_INT64_DIVISION = re.compile(r"\b(?:div|rem)\.[su]64\b")  # software divisions on the GPU
 _MMA = re.compile(r"\b(HGMMA|HMMA|IMMA|QGMMA)\.([0-9A-Za-z_.]+)")
 
 
@@ -137,6 +138,7 @@ def compile_launch(launch: dict, capability: int, kernels_dir: str) -> dict:
         "num_warps": compiled.metadata.num_warps,
         "num_stages": compiled.metadata.num_stages,
         "tensor_core": _tensor_core_instructions(compiled.asm["cubin"]),
+        "int64_divisions": len(_INT64_DIVISION.findall(compiled.asm["ptx"])),
         "compile_s": round(seconds, 3),
     }
 

@@ -209,7 +209,7 @@ def launch_configs(
     GPU: every ``tl.dot`` tile is 128 x 64 (or larger) over 8 warps, so that sm_90 runs it as
     wgmma with 64-row tiles per warpgroup; the forward GEMM's dot spans both branches (its
     ``BLOCK_N`` output channels are ``2*BLOCK_N`` pack columns). Checked to compile for sm_90a
-    with Triton 3.6 and 3.9 (``python -m bench.compile_conv``); untuned otherwise: time them with
+    with Triton 3.6 and 3.9 (``python -m fastgait.compile_gate``, docs/KERNELS.md); untuned otherwise: time them with
     ``pytest bench --benchmark``.
     Interpreter: large blocks, because its cost is per operation, not per element.
     """

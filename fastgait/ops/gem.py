@@ -32,7 +32,7 @@ from .reference import gem_hpp_reference, strip_bounds
 
 OP = "gem_hpp"
 MAX_FRAMES = torch.iinfo(torch.int16).max  # the argmax frame is saved as int16
-# Register cap (``maxnreg``) of the row kernels, by layout, from the sweep in bench/aot_gem_triplet.py
+# Register cap (``maxnreg``) of the row kernels, by layout, from a maxnreg sweep (compiled with the compile gate's worker; docs/KERNELS.md shows the result)
 # (sm_90a, Triton 3.6 and 3.9): channels-last-3d tiles need 40-95 registers and compile without
 # spills uncapped; the contiguous layout's tiles, uncapped, had ptxas's occupancy heuristics spill
 # a few bytes in one variant, and compile without spills under a cap of 128.

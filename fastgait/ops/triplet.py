@@ -30,7 +30,7 @@ from .reference import part_distance_reference, triplet_loss_reference
 METRICS = ("euc", "cos")
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 GRAM_BLOCK = 16  # rows per program / channels per step: tl.dot's smallest tile
-# Register caps (``maxnreg``) from the sweep in bench/aot_gem_triplet.py (sm_90a, Triton 3.6 and 3.9):
+# Register caps (``maxnreg``) from a maxnreg sweep (compiled with the compile gate's worker; docs/KERNELS.md shows the result) (sm_90a, Triton 3.6 and 3.9):
 # the kernels with IEEE fp32 dots compile without spills uncapped (a cap made ptxas spill), except
 # part_distance under 3.6 (uncapped it stopped at 128 and spilled; 160 does not); the rows kernel
 # on 16-bit tensor-core dots needs a cap of 192 (uncapped, one variant spilled 8 bytes at 128).
@@ -127,7 +127,7 @@ def _dot_native(t: torch.Tensor) -> bool:
 def _rows_config(n: int, c: int) -> dict:
     """Tiles of ``triplet_rows_kernel``: all ``n`` columns in one tile (<= MAX_TRITON_BATCH), 16
     anchors (tl.dot's smallest tile), channels per Gram step sized so the ``[BLOCK_N, BLOCK_K]``
-    operand stays near 4096 elements; checked for no spills on sm_90a (bench/aot_gem_triplet.py)."""
+    operand stays near 4096 elements; checked for no spills on sm_90a by the compile gate."""
     block_n = max(GRAM_BLOCK, _pow2(n))
     block_k = max(GRAM_BLOCK, min(_pow2(c), 4096 // block_n))
     return dict(BLOCK_A=GRAM_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=16, num_warps=4 if block_n <= 128 else 8)
@@ -251,7 +251,7 @@ triplet_loss_fwd.register_autograd(_triplet_backward, setup_context=_triplet_set
 
 
 def _distance_config(n: int, m: int, native: bool) -> dict:
-    """Tiles of ``part_distance_kernel`` (checked for no spills on sm_90a, bench/aot_gem_triplet.py):
+    """Tiles of ``part_distance_kernel`` (checked for no spills on sm_90a by the compile gate):
     fp32 (IEEE dots on the CUDA cores): 64 x 64 outputs, 32 channels per step, 8 warps (128
     registers); 16-bit inputs on the tensor cores (wgmma): 128 x 64, 8 warps (~122 registers)."""
     block_m = max(GRAM_BLOCK, min(_pow2(n), 128 if native else 64))

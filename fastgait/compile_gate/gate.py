@@ -109,7 +109,8 @@ def _cache_dir() -> Path:
 
 
 def _source_digest(kernels: Path) -> str:
-    digest = hashlib.sha1()
+    """The kernel sources and the worker's (a changed worker reports other fields)."""
+    digest = hashlib.sha1(Path(__file__).with_name("worker.py").read_bytes())
     for path in sorted(kernels.glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]

@@ -50,8 +50,10 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 5000,
         "eval_every": 0,  # 0: evaluate once at the end
         "grad_clip": 0.0,  # 0: off
+        "sync_bn": False,  # SyncBatchNorm under DDP (OpenGait's sync_BN); one process: no effect
     },
-    "eval": {"metric": "euc", "workers": 2, "baseline": True},
+    "eval": {"metric": "euc", "workers": 2, "baseline": True,
+             "amp": "fp32"},  # evaluation precision: fp32 (OpenGait's default) | bf16 | fp16 | auto
 }
 
 OPEN_SECTIONS = ("model",)

@@ -61,7 +61,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         test_set = gait_data.GaitDataset(root, partition, "test", cache=False)
         amp = resolve_amp(config["eval"].get("amp", "fp32"), device)  # evaluation precision (fp32 default)
         autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
-        result = evaluate_model(model, test_set, protocol=protocol, metric=metric, device=device, autocast=autocast)
+        result = evaluate_model(model, test_set, protocol=protocol, metric=metric, device=device, autocast=autocast,
+                                workers=config["eval"]["workers"])
         baseline = None if args.no_baseline else gei_baseline(test_set, protocol=protocol, metric=metric)
         out = args.output or args.checkpoint.parent.parent / "eval"
         report_results(result, baseline, out, tag=args.checkpoint.stem)

@@ -292,16 +292,17 @@ def test_evaluate_cli_reports_an_opengait_checkpoint(tmp_path, capsys):
     rng = np.random.default_rng(0)
     subjects = ["001", "002"]
     for subject in subjects:
-        for seq in ("nm-01", "nm-02", "nm-03", "nm-04", "nm-05", "bg-01", "cl-01"):
+        for seq in ("nm-01", "nm-05", "bg-01", "cl-01"):
             for view in ("000", "090"):
-                sils = (rng.random((int(rng.integers(4, 7)), 64, 64)) > 0.7).astype(np.uint8) * 255
+                sils = (rng.random((3, 64, 64)) > 0.7).astype(np.uint8) * 255
                 save_sequence(root / subject / seq / view / f"{view}.pkl", sils)
     write_partition(root / "partition.json", [], subjects)
     checkpoint = tmp_path / "GaitGL-80000.pt"
     torch.save({"model": random_state(gaitgl_layout("casia-b", 74)), "optimizer": {"state": {}, "param_groups": []},
                 "scheduler": {"last_epoch": 80000}, "iteration": 80000}, checkpoint)
     code = evaluate_main(["--checkpoint", str(checkpoint), "--config", "gaitgl_casia-b", f"data.root={root}",
-                          "data.split=null", "--output", str(tmp_path / "eval"), "--no-baseline", "--device", "cpu"])
+                          "data.split=null", "eval.workers=0",
+                          "--output", str(tmp_path / "eval"), "--no-baseline", "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "| model NM |" in captured.out

@@ -85,14 +85,16 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         from torch.distributed.nn.functional import all_reduce
 
         dims = [0] + list(range(2, x.dim()))
-        xf = x.float()
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
-        stats = torch.cat([xf.sum(dims), xf.pow(2).sum(dims), count])
-        stats = all_reduce(stats)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        count = torch.tensor([x.numel() // x.shape[1]], device=x.device, dtype=xf.dtype)
+        # two passes (mean, then centred squares): E[x^2] - mean^2 loses digits in fp32
         c = x.shape[1]
+        stats = all_reduce(torch.cat([xf.sum(dims), count]))
         total = stats[-1]
         mean = stats[:c] / total
-        var = stats[c:2 * c] / total - mean.pow(2)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        centred = xf - mean.view(shape)
+        var = all_reduce(centred.pow(2).sum(dims)) / total
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -100,8 +102,7 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
                 unbiased = var.detach() * total / (total - 1).clamp(min=1)
                 self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)

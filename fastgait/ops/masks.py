@@ -14,9 +14,10 @@ from .reference import band_height, band_masks
 
 __all__ = ["band_height", "band_masks", "draw_band_starts", "set_batch_shard", "draw_per_sample"]
 
-# (rank, world_size): this process holds slice ``rank`` of a global batch ``world_size`` times
-# larger. Per-sample draws are made for the whole global batch (every rank seeds alike) and
-# sliced, so a DDP run draws exactly what a single process with the global batch would.
+# (rank, world_size): this process holds the elements ``rank::world_size`` of a global batch
+# ``world_size`` times larger (the sampler's split). Per-sample draws are made for the whole global
+# batch (every rank seeds alike) and sliced, so a DDP run draws exactly what a single process with
+# the global batch would.
 _batch_shard = (0, 1)
 
 
@@ -33,7 +34,7 @@ def draw_per_sample(draw, batch: int):
     rank, world = _batch_shard
     if world == 1:
         return draw(batch)
-    return draw(batch * world)[rank * batch : (rank + 1) * batch]
+    return draw(batch * world)[rank::world]
 
 
 def draw_band_starts(

@@ -90,3 +90,55 @@ def test_set_models_train_end_to_end(tiny_root, tmp_path, config_name):
     metrics = read_metrics(tmp_path)
     assert sorted(metrics) == [1, 2, 3] and all(np.isfinite(m["total_loss"]) for m in metrics.values())
     assert set(result) == {"NM", "BG", "CL"} and 0 <= result["NM"]["mean"] <= 100
+
+
+def _bn_worker(rank, world, init_file, out_dir):
+    import torch
+    import torch.distributed as dist
+
+    from fastgait.engine.distributed import convert_sync_batchnorm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    x, grad, bn = _bn_problem()
+    model = convert_sync_batchnorm(torch.nn.Sequential(bn), torch.device("cpu"))
+    local = x[rank::world].clone().requires_grad_(True)
+    y = model(local)
+    y.backward(grad[rank::world])
+    torch.save({"y": y.detach(), "dx": local.grad, "dw": model[0].weight.grad, "db": model[0].bias.grad,
+                "mean": model[0].running_mean, "var": model[0].running_var}, f"{out_dir}/bn{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _bn_problem():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 7, 3, generator=gen) * 3 + 10  # a large mean: the variance must not cancel
+    grad = torch.randn(6, 5, 7, 3, generator=gen)
+    bn = torch.nn.BatchNorm2d(5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(5, generator=gen) + 0.5)
+        bn.bias.copy_(torch.randn(5, generator=gen))
+    return x, grad, bn
+
+
+def test_global_batchnorm_on_two_gloo_processes_equals_batchnorm_on_the_global_batch(tmp_path):
+    """The CPU/gloo SyncBatchNorm: output, every gradient and the running statistics."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_bn_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    x, grad, bn = _bn_problem()
+    x.requires_grad_(True)
+    y = bn(x)
+    y.backward(grad)
+    shards = [torch.load(tmp_path / f"bn{r}.pt") for r in range(2)]
+    for r, shard in enumerate(shards):
+        torch.testing.assert_close(shard["y"], y.detach()[r::2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(shard["dx"], x.grad[r::2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(shard["mean"], bn.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(shard["var"], bn.running_var, rtol=1e-5, atol=1e-6)
+    # parameter gradients: each rank holds its shard's part; DDP sums them (then averages over ranks)
+    torch.testing.assert_close(shards[0]["dw"] + shards[1]["dw"], bn.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shards[0]["db"] + shards[1]["db"], bn.bias.grad, rtol=1e-5, atol=1e-5)

@@ -120,6 +120,9 @@ def _convert(module: torch.nn.Module) -> torch.nn.Module:
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                               module.track_running_stats)
+        tensors = list(module.parameters()) + list(module.buffers())
+        if tensors:
+            new = new.to(tensors[0].device)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new

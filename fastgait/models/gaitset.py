@@ -77,25 +77,23 @@ class GaitSet(nn.Module):
         options = _rmb_options(rmb)
         rmb_blocks = set(options.pop("blocks", (1, 2, 3))) if options is not None else set()
 
-        def second_conv(block: int, c: int) -> nn.Module:
-            if block in rmb_blocks:
-                return InceptionRMB2d(c, c, "add", impl=impl, **options)
-            return BasicConv2d(c, c, 3, 1, 1)
-
-        def layers(block: int, c_in: int, c_out: int, kernel: int, pool: bool, rmb_here: bool) -> nn.Sequential:
-            mods = [BasicConv2d(c_in, c_out, kernel, 1, kernel // 2), nn.LeakyReLU(inplace=True),
-                    second_conv(block, c_out) if rmb_here else BasicConv2d(c_out, c_out, 3, 1, 1)]
-            if not (rmb_here and block in rmb_blocks):  # an RMB has its activation inside each branch
-                mods.append(nn.LeakyReLU(inplace=True))
+        def stage(block: int, c_in: int, c_out: int, kernel: int, pool: bool, set_block: bool) -> nn.Sequential:
+            """conv k (c_in -> c_out), lrelu, conv 3x3 (c_out -> c_out), lrelu (, max pool 2x2); in a set
+            block listed in ``rmb`` the second conv is an Inception RMB (activations inside its branches)."""
+            mods = [BasicConv2d(c_in, c_out, kernel, 1, kernel // 2), nn.LeakyReLU(inplace=True)]
+            if set_block and block in rmb_blocks:
+                mods.append(InceptionRMB2d(c_out, c_out, "add", impl=impl, **options))
+            else:
+                mods += [BasicConv2d(c_out, c_out, 3, 1, 1), nn.LeakyReLU(inplace=True)]
             if pool:
                 mods.append(nn.MaxPool2d(2, 2))
             return nn.Sequential(*mods)
 
-        self.set_block1 = SetBlock(layers(1, c0, c1, 5, True, True))
-        self.set_block2 = SetBlock(layers(2, c1, c2, 3, True, True))
-        self.set_block3 = SetBlock(layers(3, c2, c3, 3, False, True))
-        self.gl_block2 = layers(2, c1, c2, 3, True, False)
-        self.gl_block3 = layers(3, c2, c3, 3, False, False)
+        self.set_block1 = SetBlock(stage(1, c0, c1, 5, True, True))
+        self.set_block2 = SetBlock(stage(2, c1, c2, 3, True, True))
+        self.set_block3 = SetBlock(stage(3, c2, c3, 3, False, True))
+        self.gl_block2 = stage(2, c1, c2, 3, True, False)
+        self.gl_block3 = stage(3, c2, c3, 3, False, False)
         self.HPP = HorizontalPoolingPyramid(bins)
         self.parts = 2 * sum(bins)
         self.Head = SeparateFCs(self.parts, c3, embed_dim)

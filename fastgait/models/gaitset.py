@@ -13,7 +13,6 @@ GaitSet's feature extractor, and additive fusion keeps the rows the global branc
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional, Sequence
 
 import torch

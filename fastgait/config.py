@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 5000,
         "eval_every": 0,  # 0: evaluate once at the end
         "grad_clip": 0.0,  # 0: off
+        "sync_bn": False,  # SyncBatchNorm under DDP (OpenGait's sync_BN); one process: no effect
     },
     "eval": {
         "metric": "euc",
@@ -65,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
         "probe": None,  # gait3d: probe keys JSON / list (default: the partition's PROBE_SET); real-scene: probe types
         "rerank": False,  # k-reciprocal re-ranking (real-scene protocols)
         "cross_view_gallery": False,  # casia-b / oumvlp: OpenGait's cross-view-gallery evaluation
+        "amp": "fp32",  # evaluation precision: fp32 (OpenGait's default) | bf16 | fp16 | auto
         "submission": None,  # grew | hid: python -m fastgait.evaluate also writes the challenge CSV to its report folder
     },
 }

@@ -16,8 +16,11 @@ class TripletSampler(torch.utils.data.Sampler):
     replacement when an identity has fewer than ``K``), identity by identity. It is a pure
     function of ``(seed, i)`` (``numpy.random.default_rng([seed, i])``), so a run resumed at
     ``start_iteration`` sees exactly the batches it would have seen, whatever the number of
-    workers or ranks. Rank ``r`` of ``world_size`` gets the contiguous slice
-    ``[r * n, (r + 1) * n)`` with ``n = P * K / world_size``.
+    workers or ranks. Rank ``r`` of ``world_size`` gets every ``world_size``-th element starting at
+    ``r`` (``global[r::world_size]``, ``P * K / world_size`` of them), as OpenGait's sampler splits:
+    with ``K >= world_size`` every rank holds every identity of the batch, so a BatchNorm that is not
+    synchronised still normalises over all identities (a contiguous split would give a rank whole
+    identities: one identity per GPU with P = 8 on 8 GPUs).
 
     Each element is ``(sequence_index, clip_seed)``: ``clip_seed`` (an int drawn from the same
     generator, so a function of ``(seed, i, slot)``) picks the sequence's random clip window.
@@ -70,8 +73,7 @@ class TripletSampler(torch.utils.data.Sampler):
 
     def batch(self, iteration: int) -> list[tuple[int, int]]:
         """This rank's slice of batch ``iteration``."""
-        n = self.local_batch_size
-        return self.global_batch(iteration)[self.rank * n : (self.rank + 1) * n]
+        return self.global_batch(iteration)[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         iteration = self.start_iteration

@@ -221,10 +221,13 @@ class Trainer:
         self.model_config = model_cfg
         model = _build_model_checked(model_cfg).to(self.device)
         self.channels_last = _auto_flag(train_cfg["channels_last"], self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last_3d)
+        if self.channels_last:  # 2-D set models (GaitSet, GaitBase) hold 4-D weights
+            model = model.to(memory_format=getattr(model, "channels_last_format", torch.channels_last_3d))
         self.model = model
         self.net = model
+        if self.dist.enabled and train_cfg.get("sync_bn"):
+            self.net = model = distributed.convert_sync_batchnorm(model, self.device)
+            self.model = model
         if self.dist.enabled:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -239,7 +242,9 @@ class Trainer:
         self.ce_weight = float(loss_cfg["ce_weight"])
         if self.ce_weight > 0 and not model_cfg.get("num_classes"):
             raise ValueError("loss.ce_weight > 0 needs a classifier head: set model.num_classes (or 'auto')")
-        self.ce = CrossEntropyLoss(loss_cfg["ce_scale"], loss_cfg["ce_label_smooth"])
+        smoothing = float(loss_cfg["ce_label_smooth"])  # the smoothing amount (OpenGait: label_smooth + eps)
+        self.ce = CrossEntropyLoss(loss_cfg["ce_scale"], label_smooth=smoothing > 0, eps=smoothing, log_accuracy=True)
+        self.eval_amp = resolve_amp(config["eval"].get("amp", "fp32"), self.device)
         self.iteration = 0
         self._baseline: Optional[dict] = None  # the GEI baseline's result, computed once
         self._test_set = None
@@ -314,6 +319,12 @@ class Trainer:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def eval_autocast(self):
+        """Evaluation precision: ``eval.amp`` (fp32 by default, as OpenGait evaluates)."""
+        if self.eval_amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.eval_amp)
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -405,10 +416,14 @@ class Trainer:
             all_embeddings, all_labels = distributed.gather_for_triplet(embeddings.float(), labels, self.dist)
             loss, info = self.triplet(all_embeddings, all_labels)
             loss = loss * self.dist.world_size
+            global_ce = None
             if logits is not None and self.ce_weight > 0:
                 ce_loss, ce_info = self.ce(logits, labels)
                 loss = loss + self.ce_weight * ce_loss
-                info = {**info, **ce_info}
+                # the CE of the local batch; the global batch's is the mean over ranks (equal slices)
+                global_ce = distributed.mean_over_ranks(
+                    torch.stack([ce_info["loss"], ce_info["accuracy"]]), self.dist)
+                info = {**info, "ce_loss": global_ce[0], "accuracy": global_ce[1]}
         self.optimizer.zero_grad(set_to_none=True)
         with nvtx_range("backward"):
             self.scaler.scale(loss).backward()
@@ -423,8 +438,10 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
         self._nonfinite_code = nonfinite_code(loss, embeddings, info.get("mean_pos_dist"), grad_norm)
-        # The logged total is the global objective (the gathered loss before the DDP scaling).
-        return {"total_loss": loss.detach() / self.dist.world_size, **info}
+        # The logged total is the global objective: the triplet loss of the gathered batch plus the
+        # weighted CE of the global batch (not the rank's scaled loss).
+        total = info["loss"] + (self.ce_weight * global_ce[0] if global_ce is not None else 0.0)
+        return {"total_loss": total.detach(), **info}
 
     def train(self, resume: Optional[Path] = None) -> dict[str, Any]:
         """Train to ``train.iterations``; returns the last logged metrics (and the evaluation, if run).
@@ -592,7 +609,7 @@ class Trainer:
                 self._test_set = test_set
             result = evaluate_model(self.model, test_set, protocol=self.config["data"]["protocol"],
                                     metric=self.config["eval"]["metric"], device=self.device,
-                                    autocast=self.autocast, workers=self.config["eval"]["workers"],
+                                    autocast=self.eval_autocast, workers=self.config["eval"]["workers"],
                                     progress=self.progress, frames_all_limit=self.config["eval"]["frames_all_limit"],
                                     **eval_options(self.config))
             if self.config["eval"]["baseline"] and self._baseline is None:

@@ -17,8 +17,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import C3, MLA, GLConv, InceptionRMB, PlainRMB, DropBlock, ScalingDropBlock, RandomErasing
-from ..nn import BNClassifier, GeMHPP, SeparateFCs
+from ..nn import BNClassifier, GeMHPP, SeparateBNNecks, SeparateFCs
 from ..ops._dispatch import check_impl
+
+INITS = ("opengait", "pytorch")
+HEADS = ("bn", "bnneck")
+
+
+def opengait_init(model: nn.Module) -> nn.Module:
+    """OpenGait's ``BaseModel.init_parameters``: xavier-uniform weights (zero biases) for every
+    Conv1d/2d/3d and Linear, BatchNorm weights ~ N(1, 0.02) and zero biases (affine ones);
+    SeparateFCs are xavier-uniform at construction already. Returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def apply_init(model: nn.Module, init: str) -> None:
+    """``init="opengait"`` (default for every model: the GaitGL/GaitSet/GaitBase code all three
+    papers build on initialises so; neither the GaitMask nor the ReverseMask paper says otherwise)
+    or ``"pytorch"`` (PyTorch's per-layer defaults, kept as constructed)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init == "opengait":
+        opengait_init(model)
 
 
 class MaxPoolHW(nn.MaxPool3d):
@@ -62,8 +90,12 @@ class GaitNet(nn.Module):
             (a (3,1,1) kernel with stride (3,1,1) is GaitGL's local temporal aggregation).
         blocks: block specs (module docstring).
         embed_dim: output channels of the part-wise FCs.
-        num_classes: > 0 adds GaitGL's BN + classifier head; forward then returns
-            ``(embeddings, logits [n, num_classes, parts])`` and the embeddings are the BN output.
+        num_classes: > 0 adds a classifier head; forward then returns
+            ``(embeddings, logits [n, num_classes, parts])``.
+        head: ``"bn"`` (GaitGL's original head: BatchNorm1d + SeparateFCs; the embeddings are the
+            BN output) or ``"bnneck"`` (OpenGait's SeparateBNNecks, arguments in ``bnneck``; the
+            embeddings are the features before the BNNeck).
+        init: ``"opengait"`` (default) or ``"pytorch"``; see ``apply_init``.
         input_height: rows of the input silhouettes; the GeM pooling takes one strip per row of
             the last feature map, so the number of parts follows from it.
         gem_p: initial GeM exponent (learnable).
@@ -75,9 +107,12 @@ class GaitNet(nn.Module):
 
     def __init__(self, stem: Sequence[dict], blocks: Sequence[dict], embed_dim: int, num_classes: int = 0,
                  input_height: int = 64, gem_p: float = 6.5, input_erasing: Optional[dict] = None,
-                 input_pool: int = 1, impl: str = "auto"):
+                 input_pool: int = 1, impl: str = "auto", head: str = "bn", bnneck: Optional[dict] = None,
+                 init: str = "opengait"):
         super().__init__()
         check_impl(impl)
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.impl = impl
         self.input_erasing = RandomErasing(**input_erasing) if input_erasing else None
         self.input_pool = int(input_pool)
@@ -96,7 +131,12 @@ class GaitNet(nn.Module):
         channels = _last_channels(blocks, stem)
         self.pool = GeMHPP([rows], p=gem_p, impl=impl)
         self.fcs = SeparateFCs(rows, channels, embed_dim)
-        self.head = BNClassifier(rows, embed_dim, num_classes) if num_classes > 0 else None
+        self.head_type = head
+        self.head = None
+        if num_classes > 0:
+            self.head = (BNClassifier(rows, embed_dim, num_classes) if head == "bn"
+                         else SeparateBNNecks(rows, embed_dim, num_classes, **(bnneck or {})))
+        apply_init(self, init)
 
     def features(self, sils: torch.Tensor) -> torch.Tensor:
         """Backbone output before pooling: ``[n, c, t', h', w']``."""
@@ -117,7 +157,7 @@ class GaitNet(nn.Module):
         if self.head is None:
             return embeddings
         features, logits = self.head(embeddings)
-        return features, logits
+        return (features, logits) if self.head_type == "bn" else (embeddings, logits)
 
 
 def _last_channels(blocks: Sequence[dict], stem: Sequence[dict]) -> int:

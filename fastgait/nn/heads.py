@@ -36,3 +36,36 @@ class BNClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.bn(x)
         return features, self.classifier(features)
+
+
+class SeparateBNNecks(nn.Module):
+    """OpenGait's ``SeparateBNNecks(parts_num, in_channels, class_num, norm=True, parallel_BN1d=True)``
+    (BNNeck of "Bag of Tricks"): BatchNorm over ``c*p`` features (or one ``BatchNorm1d(c)`` per part),
+    then per-part logits, cosine logits when ``norm``. Same state-dict keys as OpenGait's.
+
+    Returns ``(normalised features [n, c, p], logits [n, class_num, p])``.
+    """
+
+    def __init__(self, parts_num: int, in_channels: int, class_num: int, norm: bool = True,
+                 parallel_BN1d: bool = True):
+        super().__init__()
+        self.p, self.class_num, self.norm, self.parallel_BN1d = parts_num, class_num, norm, parallel_BN1d
+        self.fc_bin = nn.Parameter(nn.init.xavier_uniform_(torch.zeros(parts_num, in_channels, class_num)))
+        if parallel_BN1d:
+            self.bn1d = nn.BatchNorm1d(in_channels * parts_num)
+        else:
+            self.bn1d = nn.ModuleList(nn.BatchNorm1d(in_channels) for _ in range(parts_num))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, c, p = x.shape
+        if self.parallel_BN1d:
+            x = self.bn1d(x.reshape(n, c * p)).view(n, c, p)
+        else:
+            x = torch.stack([bn(x[:, :, i]) for i, bn in enumerate(self.bn1d)], dim=2)
+        feature = x.permute(2, 0, 1)  # [p, n, c]
+        if self.norm:
+            feature = F.normalize(feature, dim=-1)
+            logits = feature.matmul(F.normalize(self.fc_bin, dim=1))
+        else:
+            logits = feature.matmul(self.fc_bin)
+        return feature.permute(1, 2, 0).contiguous(), logits.permute(1, 2, 0).contiguous()

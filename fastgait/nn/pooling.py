@@ -38,3 +38,26 @@ class GeMHPP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bin_num={self.bin_num}, eps={self.eps}, impl={self.impl!r}"
+
+
+class HorizontalPoolingPyramid(nn.Module):
+    """OpenGait's HPP (GaitSet, GaitBase): for each bin count ``b``, split the rows into ``b``
+    equal strips and take ``mean + max`` over each strip's rows and columns.
+    ``[n, c, h, w] -> [n, c, sum(bins)]``; ``h`` must be divisible by every bin count."""
+
+    def __init__(self, bin_num: Sequence[int] = (16, 8, 4, 2, 1)):
+        super().__init__()
+        self.bin_num = list(bin_num)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, _ = x.shape
+        features = []
+        for b in self.bin_num:
+            if h % b:
+                raise ValueError(f"HorizontalPoolingPyramid: {h} rows do not split into {b} equal strips")
+            z = x.reshape(n, c, b, -1)
+            features.append(z.mean(-1) + z.amax(-1))
+        return torch.cat(features, -1)
+
+    def extra_repr(self) -> str:
+        return f"bin_num={self.bin_num}"

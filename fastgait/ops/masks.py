@@ -17,9 +17,10 @@ __all__ = [
     "philox_randint", "philox_rand", "unit_mask", "draw_seed",
 ]
 
-# (rank, world_size): this process holds slice ``rank`` of a global batch ``world_size`` times
-# larger. Per-sample draws are made for the whole global batch (every rank seeds alike) and
-# sliced, so a DDP run draws exactly what a single process with the global batch would.
+# (rank, world_size): this process holds the elements ``rank::world_size`` of a global batch
+# ``world_size`` times larger (the sampler's split). Per-sample draws are made for the whole global
+# batch (every rank seeds alike) and sliced, so a DDP run draws exactly what a single process with
+# the global batch would.
 _batch_shard = (0, 1)
 
 
@@ -36,7 +37,7 @@ def draw_per_sample(draw, batch: int):
     rank, world = _batch_shard
     if world == 1:
         return draw(batch)
-    return draw(batch * world)[rank * batch : (rank + 1) * batch]
+    return draw(batch * world)[rank::world]
 
 
 def draw_band_starts(

@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 

@@ -7,13 +7,11 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from .. import data as gait_data

@@ -46,8 +46,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_intermixed_args(argv)
     device = resolve_device(args.device)
-    state = ckpt.load_checkpoint(args.checkpoint)
+    state = ckpt.load_checkpoint(args.checkpoint, validate=False)
     opengait = is_opengait_checkpoint(state)
+    if not opengait:
+        state = ckpt.load_checkpoint(args.checkpoint)  # a fastgait checkpoint: every part it needs
     if opengait and not args.config:
         raise InputError(f"{args.checkpoint} is an OpenGait checkpoint (no fastgait config in it): name its "
                          "model's recipe with --config, e.g. --config gaitgl_casia-b data.root=/data/CASIA-B-pkl")

@@ -85,8 +85,9 @@ def test_batches_split_across_ranks_and_resume_exactly(world_size):
                                       frames, seed=7), 12))
         for r in range(world_size)
     ]
-    for iteration in range(12):
-        assert sum((ranks[r][iteration] for r in range(world_size)), []) == single[iteration]
+    for iteration in range(12):  # OpenGait's split: rank r takes global[r::world_size]
+        for r in range(world_size):
+            assert ranks[r][iteration] == single[iteration][r::world_size]
     resumed = list(islice(FrameBatchSampler(TripletSampler(LABELS, 4, 2, seed=7, start_iteration=5), frames,
                                             seed=7, start_iteration=5), 7))
     assert resumed == single[5:]

@@ -96,9 +96,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or is not a fastgait checkpoint (the message names the file)."""
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path, map_location="cpu", validate: bool = True) -> dict[str, Any]:
     """Read a fastgait checkpoint (``weights_only``); a :class:`CheckpointError` naming the file if
-    it is truncated, corrupt, not a checkpoint, or misses a part."""
+    it is truncated, corrupt, not a checkpoint, or misses a part. ``validate=False`` reads any
+    weights-only file (an OpenGait checkpoint) and checks only that it is a mapping."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
@@ -108,6 +109,10 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
         message = " ".join(str(error).split())[:300]
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt: {message}); "
                               f"use an earlier checkpoint of the run (--resume PATH)") from None
+    if not validate:
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint's mapping")
+        return state
     missing = [k for k in REQUIRED_KEYS if k not in state] if isinstance(state, dict) else list(REQUIRED_KEYS)
     if missing:
         raise CheckpointError(f"{path} is not a fastgait training checkpoint (missing {', '.join(missing)}); "

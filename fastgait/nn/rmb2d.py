@@ -101,15 +101,14 @@ class RMFE2d(nn.Module):
         self.negative_slope, self.impl = negative_slope, impl
 
     def draw_scales(self, x: torch.Tensor) -> Scales:
-        """``(Sa, Sb)`` for this forward, or None (evaluation, or no perturbation this time);
-        the same random draws, in the same order, as ``ReverseMask.forward``."""
-        mask = self.mask
-        if not self.training or mask.reg_prob == 0.0:
+        """``(Sa, Sb)`` for this forward, or None (evaluation, or ``reg_prob=0``); the same random
+        draws, in the same order, as the 3-D layer's ``ReverseMask.draw`` (a forward that does not
+        perturb gets scales ``(1, 1)``: ``Sa = 1``, ``Sb = 0``)."""
+        mask, scales = self.mask.draw(x)
+        if mask is None:
             return None
-        if mask.reg_prob < 1.0 and float(torch.rand(())) >= mask.reg_prob:
-            return None
-        keep = mask.sample_mask(x.shape[-2], x.shape[-1], x.device, x.dtype)
-        alpha, beta = mask.sample_scales(x.device)
+        keep = mask.keep(x.device, x.dtype)  # Mm, [h, w]
+        alpha, beta = scales[0].to(x.dtype)
         return alpha * keep + beta * (1 - keep), (1 - alpha) * keep + (1 - beta) * (1 - keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

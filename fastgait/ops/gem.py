@@ -75,11 +75,13 @@ def _tracing() -> bool:
 
 
 def _check_p_domain(p: torch.Tensor) -> None:
-    """``0 < p < inf``, where it costs no device sync: CPU tensors outside torch.compile tracing."""
+    """``p > 0``, where it costs no device sync: CPU tensors outside torch.compile tracing. A NaN or
+    inf ``p`` (a diverged run) is not refused here: the op answers NaN, as on the GPU, so the
+    trainer's non-finite guard names the divergence."""
     if p.device.type != "cpu" or _tracing() or isinstance(p, torch._subclasses.FakeTensor):
         return
     value = float(p.detach().reshape(()))
-    if not (math.isfinite(value) and value > 0):
+    if math.isfinite(value) and value <= 0:
         raise ValueError(f"{OP}: p must be finite and > 0 (GeM's exponent), got p={value}; re-initialise it (e.g. 6.5)")
 
 

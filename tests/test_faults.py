@@ -16,12 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from fastgait.config import ConfigError, load_config
-from fastgait.data import save_sequence, write_partition
+from fastgait.data import write_partition
 from fastgait.engine import checkpoint as ckpt
 from fastgait.engine.trainer import MetricsLogger, Trainer
 from fastgait.evaluate import main as evaluate_main
@@ -30,21 +29,6 @@ from fastgait.train import main as train_main
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.workers=0", "eval.workers=0", "eval.baseline=false", "train.P=2", "train.K=2", "train.clip_len=6",
         "train.log_every=1", "train.compile=false", "train.amp=fp32", "train.lr=1e-3", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    """6 subjects x 7 sequences x 2 views of random blobs, 10-14 frames; 4 train / 2 test subjects."""
-    root = tmp_path_factory.mktemp("faults_gait")
-    rng = np.random.default_rng(0)
-    subjects = [f"{i:03d}" for i in range(1, 7)]
-    for subject in subjects:
-        for seq in ("nm-01", "nm-02", "nm-03", "nm-04", "nm-05", "bg-01", "cl-01"):
-            for view in ("000", "090"):
-                sils = (rng.random((int(rng.integers(10, 15)), 64, 64)) > 0.7).astype(np.uint8) * 255
-                save_sequence(root / subject / seq / view / f"{view}.pkl", sils)
-    write_partition(root / "partition.json", subjects[:4], subjects[4:])
-    return root
 
 
 def copy_root(root, dst):

@@ -6,34 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from fastgait.config import ConfigError, available_configs, load_config
-from fastgait.data import save_sequence, write_partition
 from fastgait.engine import checkpoint as ckpt
 from fastgait.engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 from fastgait.models import build_model
 from fastgait.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    """6 subjects x 2 sequences x 2 views of random blobs, 10-14 frames; 4 train / 2 test subjects."""
-    root = tmp_path_factory.mktemp("tiny_gait")
-    rng = np.random.default_rng(0)
-    subjects = [f"{i:03d}" for i in range(1, 7)]
-    for subject in subjects:
-        for seq in ("nm-01", "nm-02", "nm-03", "nm-04", "nm-05", "bg-01", "cl-01"):
-            for view in ("000", "090"):
-                frames = rng.integers(10, 15)
-                sils = (rng.random((frames, 64, 64)) > 0.7).astype(np.uint8) * 255
-                save_sequence(root / subject / seq / view / f"{view}.pkl", sils)
-    write_partition(root / "partition.json", subjects[:4], subjects[4:])
-    return root
 
 
 def tiny_config(root, **train):

@@ -112,3 +112,27 @@ def test_compile_gate_names_a_kernel_that_does_not_compile(tmp_path, version):
     results = gate.compile_launches([launch], gate.SM90, folder, kernels=fixed, use_cache=False)
     assert gate.check([launch], results, version, gate.SM90, spill_free=True) == []
     assert results[launch.key]["registers"] > 0
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_compile_gate_fails_on_the_old_ln2_line(captured, tmp_path, version):
+    """Putting back the first H200 run's line in kernels/gem.py (``LN2: tl.constexpr = 0.69...``)
+    fails the gate with a message naming the GeM backward kernel, on both Tritons."""
+    import shutil
+
+    from fastgait.compile_gate.capture import kernels_dir
+
+    folder = _folder(version)
+    found, _ = captured
+    kernels = tmp_path / "kernels"
+    shutil.copytree(kernels_dir(), kernels)
+    source = (kernels / "gem.py").read_text()
+    fixed_line = next(line for line in source.splitlines() if line.startswith("LN2 = tl.constexpr("))
+    (kernels / "gem.py").write_text(source.replace(fixed_line, "LN2: tl.constexpr = 0.6931471805599453"))
+    gem = [launch for launch in found if launch.module == "gem"]
+    results = gate.compile_launches(gem, gate.SM90, folder, kernels=kernels, use_cache=False)
+    errors = gate.check(gem, results, version, gate.SM90, spill_free=True)
+    backward = [e for e in errors if e.startswith("gem_rows_bwd_kernel") and "does not compile" in e]
+    assert backward, "the gate passed a GeM backward kernel that reads an annotated float constant"
+    assert "LN2" in backward[0], backward[0]
+    assert not any(e.startswith("gem_rows_fwd_kernel") for e in errors), "the forward does not read LN2"

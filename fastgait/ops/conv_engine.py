@@ -222,16 +222,18 @@ def launch_configs(
     row = block(row_len, 128, 128, low=64 if gpu else 16)  # positions (t, w) per program of the per-row kernels
     gemm_n = 64 if c_pre == c_out and channels_last else 32  # with a global weight the dot is 2 * 32 columns wide
 
+    def ragged(c: int) -> bool:  # OU-MVLP's 196 channels: tiles mask a tail (they spilled at 64)
+        return c % 32 != 0
+
     def k_cap(*channels: int, wide: bool = True) -> int:
-        # 64-wide K blocks when every channel count they step through is a multiple of 64; a
-        # ragged count (OU-MVLP's 196) masks the tail and spilled at 64 (the compile gate).
-        return 64 if wide and all(c % 64 == 0 for c in channels) else 32
+        # 64-wide K blocks unless a channel count they step through is ragged (the compile gate)
+        return 64 if wide and not any(ragged(c) for c in channels) else 32
 
     return {
         # Without channels-last the A tiles are gathers strided in K: a 64-wide K block spills there.
-        "gemm": dict(BLOCK_M=flat, BLOCK_N=block(c_out, gemm_n if c_out % 64 == 0 else 16, 16),
+        "gemm": dict(BLOCK_M=flat, BLOCK_N=block(c_out, 16 if ragged(c_out) else gemm_n, 16),
                      BLOCK_K=block(9 * c_in, k_cap(c_in, c_out, wide=channels_last), 64), num_warps=8),
-        "dgrad": dict(BLOCK_M=flat, BLOCK_N=block(c_in, 64 if c_pre % 64 == 0 else 32, 16), BLOCK_K=block(9 * c_pre, k_cap(c_pre, c_in), 64),
+        "dgrad": dict(BLOCK_M=flat, BLOCK_N=block(c_in, 32 if ragged(c_pre) else 64, 16), BLOCK_K=block(9 * c_pre, k_cap(c_pre, c_in), 64),
                       num_warps=8),
         "p0": dict(BLOCK_M=row, BLOCK_N=block(c_out, 64, 16), BLOCK_K=block(9 * c_in, k_cap(c_in, c_out), 64),
                    num_warps=8),

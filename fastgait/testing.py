@@ -1,6 +1,7 @@
 """Test helpers shared by ``tests/`` and ``bench/``: comparisons that say where and how values differ."""
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Optional
 
@@ -101,3 +102,28 @@ def assert_within_reference_error(
     if failures:
         raise AssertionError("; ".join(failures))
     return errors
+
+
+def brute_force_triplet_parts(embeddings, labels, margin):
+    """The batch-all triplet loss per part by plain loops (blocks.md §6), the oracle of the loss tests:
+    float64 ``[parts]`` tensors ``(loss_avg, loss_num, hard_loss, mean_dist)`` with OpenGait's
+    definitions (all pairs for mean_dist, diagonal included) and the self-distance exactly 0."""
+    n, _, parts = embeddings.shape
+    out = []
+    for part in range(parts):
+        e = embeddings[:, :, part].double()
+        d = [[0.0 if i == j else math.sqrt(float((e[i] - e[j]).pow(2).sum())) for j in range(n)] for i in range(n)]
+        total, active, hard = 0.0, 0, 0.0
+        for i in range(n):
+            for j in range(n):
+                if labels[i] != labels[j]:
+                    continue
+                for k in range(n):
+                    if labels[i] == labels[k]:
+                        continue
+                    hinge = max(d[i][j] - d[i][k] + margin, 0.0)
+                    total += hinge
+                    active += hinge > 0
+                    hard = max(hard, hinge)
+        out.append((total / active if active else 0.0, active, hard, sum(map(sum, d)) / n / n))
+    return [torch.tensor([o[k] for o in out], dtype=torch.float64) for k in range(4)]

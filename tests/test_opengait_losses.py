@@ -1,6 +1,5 @@
 """Loss compatibility with OpenGait: constructor arguments, return values, info keys, the loss
 weight applied once (by the aggregator), and gather-and-scale under DDP (2 gloo processes)."""
-import math
 import os
 
 import pytest
@@ -10,33 +9,10 @@ import torch.nn.functional as F
 from fastgait.nn import CrossEntropyLoss, TripletLoss
 from fastgait.nn import opengait as og
 from fastgait.ops.reference import triplet_loss_reference
+from fastgait.testing import brute_force_triplet_parts as brute_force_parts
 
 # OpenGait's info keys (opengait/modeling/losses/triplet.py, ce.py)
 OPENGAIT_TRIPLET_INFO = {"loss", "hard_loss", "loss_num", "mean_dist"}
-
-
-def brute_force_parts(embeddings, labels, margin):
-    """Per part, by plain loops: (loss_avg, loss_num, hard_loss, mean_dist), OpenGait's definitions
-    (all pairs for mean_dist, diagonal included) with the self-distance exactly 0."""
-    n, _, parts = embeddings.shape
-    out = []
-    for part in range(parts):
-        e = embeddings[:, :, part].double()
-        d = [[0.0 if i == j else math.sqrt(float((e[i] - e[j]).pow(2).sum())) for j in range(n)] for i in range(n)]
-        total, active, hard = 0.0, 0, 0.0
-        for i in range(n):
-            for j in range(n):
-                if labels[i] != labels[j]:
-                    continue
-                for k in range(n):
-                    if labels[i] == labels[k]:
-                        continue
-                    hinge = max(d[i][j] - d[i][k] + margin, 0.0)
-                    total += hinge
-                    active += hinge > 0
-                    hard = max(hard, hinge)
-        out.append((total / active if active else 0.0, active, hard, sum(map(sum, d)) / n / n))
-    return [torch.tensor([o[k] for o in out], dtype=torch.float64) for k in range(4)]
 
 
 LABELINGS = {

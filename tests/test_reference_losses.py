@@ -1,34 +1,18 @@
 """The reference triplet loss against a brute-force loop over all (anchor, positive, negative)."""
-import math
 
 import pytest
 import torch
 
 from fastgait.nn import TripletLoss
 from fastgait.ops.reference import part_distance_reference, triplet_loss_reference
+from fastgait.testing import brute_force_triplet_parts
 
 
 def brute_force_triplet(embeddings, labels, margin):
-    """Plain loops over parts and triplets, straight from blocks.md §6."""
-    n, _, parts = embeddings.shape
-    part_losses, counts = [], []
-    for part in range(parts):
-        e = embeddings[:, :, part].double()
-        dist = [[math.sqrt(max(float((e[i] - e[j]).pow(2).sum()), 0.0)) for j in range(n)] for i in range(n)]
-        total, active = 0.0, 0
-        for i in range(n):
-            for j in range(n):
-                if labels[i] != labels[j]:
-                    continue
-                for k in range(n):
-                    if labels[i] == labels[k]:
-                        continue
-                    hinge = max(dist[i][j] - dist[i][k] + margin, 0.0)
-                    total += hinge
-                    active += hinge > 0
-        part_losses.append(total / active if active else 0.0)
-        counts.append(active)
-    return sum(part_losses) / parts, sum(counts) / parts
+    """Plain loops over parts and triplets (``fastgait.testing.brute_force_triplet_parts``): the loss
+    averaged over parts and the mean count of active triplets."""
+    loss_avg, active, _, _ = brute_force_triplet_parts(embeddings, labels, margin)
+    return float(loss_avg.mean()), float(active.mean())
 
 
 LABELINGS = {

@@ -133,6 +133,15 @@ def _geometry_start(band_ptr, n, GEOM: tl.constexpr):
 
 
 @triton.jit
+def _div_small(m, d):
+    """``m // d`` for int32 ``0 <= m < 2**22`` and ``d >= 1`` by a float reciprocal: exact there
+    (the quotient of ``m + 0.5`` is at least ``0.5 / d`` from an integer, more than the float
+    rounding), and 3 instructions per element instead of a signed-division routine. For the
+    position tiles of the loops (``T*W`` positions)."""
+    return ((m.to(tl.float32) + 0.5) * (1.0 / d.to(tl.float32))).to(tl.int32)
+
+
+@triton.jit
 def _sample_tile(T, H, W, C, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The tile of a per-sample program: ``BLOCK_M`` positions ``(t, h, w)`` of sample ``n`` by
     ``BLOCK_N`` channels out of ``C``. Grid ``(cdiv(T*H*W, BLOCK_M), cdiv(C, BLOCK_N), n)``.
@@ -194,6 +203,7 @@ def _accumulate_row_taps(
     stride_t,
     stride_w,
     BLOCK_K: tl.constexpr,
+    C_BLOCKS: tl.constexpr,
 ):
     """One kernel row ``kh`` of an implicit-GEMM convolution: K = the 9 taps ``(kt, kw)`` x ``C_src``.
 
@@ -210,6 +220,22 @@ def _accumulate_row_taps(
     taps_ok = _spread_bits(_offset_bits(t > 0, t < T - 1), 3) * _offset_bits(w > 0, w < W - 1)  # [BM]
     taps_ok = tl.where(row_ok, taps_ok & tap_bits, 0)
     offs_k = tl.arange(0, BLOCK_K)
+    if C_BLOCKS > 0:
+        # Aligned K (``C_src == C_BLOCKS * BLOCK_K``): a K block is BLOCK_K channels of one tap, so
+        # the tap, its shift and its bounds test are scalars or per row, and the A tile is
+        # BLOCK_K consecutive channels per row (one vector load per 8 channels in channels-last).
+        a_rows = src_ptr + pos  # [BM] pointers
+        b_cols = w_ptr + cols  # [BN] pointers
+        for i in range(9 * C_BLOCKS):
+            tap = i // C_BLOCKS  # (kt, kw): constexpr divisors, no division routine
+            c0 = (i - tap * C_BLOCKS) * BLOCK_K
+            a_ok = ((taps_ok >> tap) & 1) != 0  # [BM]
+            shift = (tap // 3 - 1) * stride_t + (tap % 3 - 1) * stride_w + c0 * stride_c
+            a = tl.load((a_rows + shift)[:, None] + offs_k[None, :] * stride_c, mask=a_ok[:, None], other=0.0)
+            b = tl.load(b_cols[None, :] + ((tap * C_src + c0 + offs_k) * n_cols)[:, None], mask=col_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(a, b, acc)
+        return acc
     for k0 in range(0, 9 * C_src, BLOCK_K):
         k = k0 + offs_k  # [BK] flat (kt, kw, c), int32
         k_ok = k < 9 * C_src
@@ -347,6 +373,7 @@ def cut_conv_forward_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    C_BLOCKS: tl.constexpr,
 ):
     """Y and the gates of the block in one pass over X.
 
@@ -387,14 +414,14 @@ def cut_conv_forward_gemm_kernel(
         if HAS_CUTS:
             tap = _accumulate_row_taps(
                 tl.zeros_like(full), x_base, w_row, pos, t, w, row_ok, 511, cols, col_ok,
-                T, W, C_in, n_cols, stride_xc, stride_xt, stride_xw, BLOCK_K,
+                T, W, C_in, n_cols, stride_xc, stride_xt, stride_xw, BLOCK_K, C_BLOCKS,
             )  # fmt: skip
             full += tap
             cut_part += tl.where(_across(h, row, start, size, H, GEOM)[:, None], tap, 0.0)
         else:
             full = _accumulate_row_taps(
                 full, x_base, w_row, pos, t, w, row_ok, 511, cols, col_ok,
-                T, W, C_in, n_cols, stride_xc, stride_xt, stride_xw, BLOCK_K,
+                T, W, C_in, n_cols, stride_xc, stride_xt, stride_xw, BLOCK_K, C_BLOCKS,
             )  # fmt: skip
 
     glob = full
@@ -437,6 +464,7 @@ def conv3x3x3_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    C_BLOCKS: tl.constexpr,
 ):
     """Plain 3x3x3 'same' convolution (design (a)'s dgrad, with the flipped transposed pack).
 
@@ -453,7 +481,7 @@ def conv3x3x3_kernel(
         pos = t * stride_st + row * stride_sh + w * stride_sw
         acc = _accumulate_row_taps(
             acc, src_base, w_ptr + kh * 9 * C_src * C_dst, pos, t, w, row_ok, 511, offs_c, c_ok,
-            T, W, C_src, C_dst, stride_sc, stride_st, stride_sw, BLOCK_K,
+            T, W, C_src, C_dst, stride_sc, stride_st, stride_sw, BLOCK_K, C_BLOCKS,
         )  # fmt: skip
     out_offs = (t * stride_ot + h * stride_oh + w * stride_ow)[:, None] + offs_c[None, :] * stride_oc
     out_base = out_ptr + n.to(tl.int64) * stride_on
@@ -490,6 +518,7 @@ def conv3x3x3_wgrad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    C_BLOCKS: tl.constexpr,
 ):
     """Weight gradient of a 3x3x3 'same' convolution, as per-split partial sums (no atomics).
 
@@ -515,24 +544,31 @@ def conv3x3x3_wgrad_kernel(
     o_block = pid // k_blocks
     offs_o = o_block * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
     o_ok = offs_o < C_grad
-    k = (pid - o_block * k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK] flat (kt, kh, kw, c)
+    k_block = pid - o_block * k_blocks
+    k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK] flat (kt, kh, kw, c)
     k_ok = k < 27 * C_in
-    tap = k // C_in
+    if C_BLOCKS > 0:  # aligned K: the block is BLOCK_K channels of one tap (a scalar)
+        tap = k_block // C_BLOCKS
+        k_channel = tl.arange(0, BLOCK_K) + (k_block - tap * C_BLOCKS) * BLOCK_K
+    else:
+        tap = k // C_in
+        k_channel = k - tap * C_in
     k_shift = (tap // 9 - 1) * stride_xt + ((tap // 3) % 3 - 1) * stride_xh + (tap % 3 - 1) * stride_xw
-    k_shift += (k - tap * C_in) * stride_xc  # [BK]
+    k_shift += k_channel * stride_xc  # [BK]
 
     row_tiles = tl.cdiv(T * W, BLOCK_M)
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
     q_begin = split * tiles_per_split
     q_end = tl.minimum(q_begin + tiles_per_split, tiles)
+    # The tile q's (n, slot) row and chunk within it, stepped along (no division in the loop).
+    row_id = q_begin // row_tiles
+    chunk = q_begin - row_id * row_tiles
+    n = row_id // SLOTS
+    slot = row_id - n * SLOTS
     for q in range(q_begin, q_end):
-        row_id = q // row_tiles  # scalar int32: the (n, slot) row, then the tile within it
-        chunk = q - row_id * row_tiles
-        n = row_id // SLOTS
-        slot = row_id - n * SLOTS
         offs_m = chunk * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] (t, w) positions of the row
         m_ok = offs_m < T * W
-        t = offs_m // W
+        t = _div_small(offs_m, W)
         w = offs_m - t * W
         if CUT_EDGES:
             start = _geometry_start(band_ptr, n, GEOM)
@@ -556,11 +592,21 @@ def conv3x3x3_wgrad_kernel(
             mask=grad_ok[:, None] & o_ok[None, :],
             other=0.0,
         )  # [BM, BO]
-        src_ok = (((taps_ok[:, None] >> tap[None, :]) & 1) != 0) & k_ok[None, :]  # [BM, BK]
+        if C_BLOCKS > 0:
+            src_ok = (((taps_ok >> tap) & 1) != 0)[:, None]  # [BM, 1]: one tap per block
+        else:
+            src_ok = (((taps_ok[:, None] >> tap[None, :]) & 1) != 0) & k_ok[None, :]  # [BM, BK]
         x_base = x_ptr + n.to(tl.int64) * stride_xn
         x_pos = t * stride_xt + row * stride_xh + w * stride_xw  # [BM]
         src = tl.load(x_base + (x_pos[:, None] + k_shift[None, :]), mask=src_ok, other=0.0)  # [BM, BK]
         acc = tl.dot(tl.trans(grad), src, acc)  # [BO, BK]
+        chunk += 1
+        row_end = chunk == row_tiles
+        chunk = tl.where(row_end, 0, chunk)
+        slot += row_end.to(tl.int32)
+        sample_end = slot == SLOTS
+        slot = tl.where(sample_end, 0, slot)
+        n += sample_end.to(tl.int32)
     out_offs = (split * C_grad + offs_o).to(tl.int64)[:, None] * (27 * C_in) + k[None, :]
     tl.store(out_ptr + out_offs, acc, mask=o_ok[:, None] & k_ok[None, :])
 
@@ -597,6 +643,7 @@ def cut_rows_p_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    C_BLOCKS: tl.constexpr,
 ):
     """``P`` (the kernel rows that read across rows) on each sample's cut rows, straight from X.
 
@@ -621,7 +668,7 @@ def cut_rows_p_kernel(
                 pos = t * stride_xt + src_row * stride_xh + w * stride_xw
                 cut_part = _accumulate_row_taps(
                     cut_part, x_base, w_ptr + kh * 9 * C_in * C_out, pos, t, w, m_ok, 511, offs_c, c_ok,
-                    T, W, C_in, C_out, stride_xc, stride_xt, stride_xw, BLOCK_K,
+                    T, W, C_in, C_out, stride_xc, stride_xt, stride_xw, BLOCK_K, C_BLOCKS,
                 )  # fmt: skip
         p_offs = (slot * stride_0s + t * stride_0t + w * stride_0w)[:, None] + offs_c[None, :] * stride_0c
         tl.store(
@@ -828,6 +875,7 @@ def cut_conv_delta_dgrad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    C_BLOCKS: tl.constexpr,
 ):
     """``dX[s] += sum over cut rows r next to s and across from it: W_l[kh]^T conv delta[r]``, in place.
 
@@ -854,7 +902,7 @@ def cut_conv_delta_dgrad_kernel(
                 pos = _slot_of_row(r, start, size, GEOM) * stride_ds + t * stride_dt + w * stride_dw
                 acc = _accumulate_row_taps(
                     acc, delta_base, w_ptr + kh * 9 * C_out * C_in, pos, t, w, m_ok, 511, offs_c, c_ok,
-                    T, W, C_out, C_in, stride_dc, stride_dt, stride_dw, BLOCK_K,
+                    T, W, C_out, C_in, stride_dc, stride_dt, stride_dw, BLOCK_K, C_BLOCKS,
                 )  # fmt: skip
         dx_offs = (t * stride_xt + h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :] * stride_xc
         dx_base = dx_ptr + n.to(tl.int64) * stride_xn

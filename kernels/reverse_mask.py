@@ -42,7 +42,7 @@ def unit_mask_kernel(seed_ptr, keep_ptr, bits_ptr, uniform_ptr, H, W, threshold,
 # col_start)``; nothing mask-shaped, and no masked copy of X, exists in memory.
 # ----------------------------------------------------------------------------------------
 
-from .conv_engine import _accumulate_row_taps, _lrelu, _offset_bits, _sample_tile, _slope_of, _spread_bits  # noqa: E402
+from .conv_engine import _accumulate_row_taps, _div_small, _lrelu, _offset_bits, _sample_tile, _slope_of, _spread_bits  # noqa: E402
 
 REGION_UNIT = tl.constexpr(0)
 REGION_BAND = tl.constexpr(1)
@@ -93,6 +93,7 @@ def rm_masked_conv_kernel(
     stride_an, stride_ac, stride_at, stride_ar, stride_aw,
     rows, cols, threshold,
     REGION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    C_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     """``A = W * (X*Mm)`` on the window: ``a [n, C_all, T, WR, W]`` fp32, window row ``r`` is map row
     ``offset + r`` (rows off the map are written as 0). The input mask enters as a per-position
@@ -110,7 +111,7 @@ def rm_masked_conv_kernel(
         pos = t * stride_xt + row * stride_xh + w * stride_xw
         acc = _accumulate_row_taps(
             acc, x_base, w_ptr + kh * 9 * C_in * C_all, pos, t, w, row_ok, bits | (bits << 3) | (bits << 6),
-            offs_c, c_ok, T, W, C_in, C_all, stride_xc, stride_xt, stride_xw, BLOCK_K,
+            offs_c, c_ok, T, W, C_in, C_all, stride_xc, stride_xt, stride_xw, BLOCK_K, C_BLOCKS,
         )  # fmt: skip
     a_offs = (t * stride_at + r * stride_ar + w * stride_aw)[:, None] + offs_c[None, :] * stride_ac
     tl.store(a_ptr + n.to(tl.int64) * stride_an + a_offs, acc, mask=m_ok[:, None] & c_ok[None, :])
@@ -245,6 +246,7 @@ def rm_masked_dgrad_kernel(
     stride_xn, stride_xc, stride_xt, stride_xh, stride_xw,
     rows, cols, threshold,
     REGION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    C_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     """``dX += Mm * ([W_1..W_K]^T conv gA)`` on the window rows, in place (each element by one program).
     w_ptr: dgrad pack ``[3, 3, 3, C_all, C_in]``. Grid ``(cdiv(T*WR*W, BLOCK_M), cdiv(C_in, BLOCK_N), n)``."""
@@ -260,7 +262,7 @@ def rm_masked_dgrad_kernel(
         pos = t * stride_at + src * stride_ar + w * stride_aw
         acc = _accumulate_row_taps(
             acc, ga_base, w_ptr + kh * 9 * C_all * C_in, pos, t, w, row_ok, 511, offs_c, c_ok,
-            T, W, C_all, C_in, stride_ac, stride_at, stride_aw, BLOCK_K,
+            T, W, C_all, C_in, stride_ac, stride_at, stride_aw, BLOCK_K, C_BLOCKS,
         )  # fmt: skip
     dx_offs = (t * stride_xt + h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :] * stride_xc
     dx_base = dx_ptr + n.to(tl.int64) * stride_xn
@@ -277,6 +279,7 @@ def rm_masked_wgrad_kernel(
     stride_an, stride_ac, stride_at, stride_ar, stride_aw,
     rows, cols, threshold,
     REGION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    C_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     """``d[W_1..W_K] += (X*Mm) conv gA`` as per-split fp32 partial sums ``out [splits, C_all, 27*C_in]``.
 
@@ -289,26 +292,32 @@ def rm_masked_wgrad_kernel(
     o_block = pid // k_blocks
     offs_o = o_block * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = offs_o < C_all
-    k = (pid - o_block * k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_block = pid - o_block * k_blocks
+    k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < 27 * C_in
-    tap = k // C_in
+    if C_BLOCKS > 0:  # aligned K (``k_tiling``): the block is BLOCK_K channels of one tap (a scalar)
+        tap = k_block // C_BLOCKS
+        k_channel = tl.arange(0, BLOCK_K) + (k_block - tap * C_BLOCKS) * BLOCK_K
+    else:
+        tap = k // C_in
+        k_channel = k - tap * C_in
     k_shift = (tap // 9 - 1) * stride_xt + ((tap // 3) % 3 - 1) * stride_xh + (tap % 3 - 1) * stride_xw
-    k_shift += (k - tap * C_in) * stride_xc
+    k_shift += k_channel * stride_xc
     seed, row_start, col_start, offset = _mask_params(params_ptr, REGION)
 
     row_tiles = tl.cdiv(T * W, BLOCK_M)
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
     q_begin = split * tiles_per_split
     q_end = tl.minimum(q_begin + tiles_per_split, tiles)
+    row_id = q_begin // row_tiles  # tile q's (n, r) window row and chunk, stepped along in the loop
+    chunk = q_begin - row_id * row_tiles
+    n = row_id // WR
+    r = row_id - n * WR
     for q in range(q_begin, q_end):
-        row_id = q // row_tiles
-        chunk = q - row_id * row_tiles
-        n = row_id // WR
-        r = row_id - n * WR
         row = offset + r
         offs_m = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < T * W
-        t = offs_m // W
+        t = _div_small(offs_m, W)
         w = offs_m - t * W
         on_map = ((row >= 0) & (row < H)).to(tl.int32)  # scalar
         grad_ok = (m_ok.to(tl.int32) * on_map) != 0
@@ -324,9 +333,19 @@ def rm_masked_wgrad_kernel(
             mask=grad_ok[:, None] & o_ok[None, :],
             other=0.0,
         )
-        src_ok = (((taps_ok[:, None] >> tap[None, :]) & 1) != 0) & k_ok[None, :]
+        if C_BLOCKS > 0:
+            src_ok = (((taps_ok >> tap) & 1) != 0)[:, None]
+        else:
+            src_ok = (((taps_ok[:, None] >> tap[None, :]) & 1) != 0) & k_ok[None, :]
         x_pos = t * stride_xt + row * stride_xh + w * stride_xw
         src = tl.load(x_ptr + n.to(tl.int64) * stride_xn + (x_pos[:, None] + k_shift[None, :]), mask=src_ok, other=0.0)
         acc = tl.dot(tl.trans(grad.to(src.dtype)), src, acc)
+        chunk += 1
+        row_end = chunk == row_tiles
+        chunk = tl.where(row_end, 0, chunk)
+        r += row_end.to(tl.int32)
+        sample_end = r == WR
+        r = tl.where(sample_end, 0, r)
+        n += sample_end.to(tl.int32)
     out_offs = (split * C_all + offs_o).to(tl.int64)[:, None] * (27 * C_in) + k[None, :]
     tl.store(out_ptr + out_offs, acc, mask=o_ok[:, None] & k_ok[None, :])

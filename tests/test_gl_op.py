@@ -108,6 +108,14 @@ def test_every_output_element_is_written(design):
 
 
 @pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("layout", ["channels-last", "contiguous"])
+def test_channel_counts_in_whole_k_blocks(design, layout):
+    """Multiples of 16 channels take the kernels' aligned K loop (``k_tiling``): 48 = 3 x 16."""
+    with poisoned_outputs():
+        check_against_reference(f"triton-{design}", replace(CASES["unequal-add"], c_in=48, c_out=16, seed=43), layout)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
 def test_opcheck(design):
     case = CASES["unequal-add"]
     x, weight_global, weight_local = make_inputs(case)

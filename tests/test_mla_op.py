@@ -164,6 +164,17 @@ def test_every_output_element_is_written(design):
         check_against_reference(f"triton-{design}", replace(CASES["rows4-T5"], c_in=3, c_out=5, seed=31))
 
 
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("layout", ["channels-last", "contiguous"])
+def test_channel_counts_in_whole_k_blocks(design, layout):
+    """Channel counts that are multiples of 16 take the kernels' aligned K loop (one tap per K
+    block, ``C_BLOCKS`` blocks per tap; ``k_tiling``): 48 input channels are 3 blocks of 16, the
+    32 stacked output channels (dgrad's sources) 2 blocks of 16 or 1 of 32; outputs poisoned."""
+    case = Case(n=2, c_in=48, c_out=16, t=3, h=7, w=5, band_rows=2, band_starts=(1, 4), seed=9)
+    with poisoned_outputs():
+        check_against_reference(f"triton-{design}", case, layout)
+
+
 @pytest.mark.parametrize(
     "design, case_name", [("hybrid", "per-sample"), ("gemm", "local-only"), (DEFAULT_DESIGN, "eval")]
 )

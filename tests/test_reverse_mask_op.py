@@ -63,9 +63,9 @@ def make_inputs(seed, layout="contiguous", n=2, c_in=3, c_out=4, t=3, h=9, w=7, 
     return x, weight_global, weights, scales
 
 
-def check(seed, region, ratio, layout_name, memory="contiguous", scales=None, impl="torch"):
+def check(seed, region, ratio, layout_name, memory="contiguous", scales=None, impl="torch", **sizes):
     k, has_global, fuse = LAYOUTS[layout_name]
-    x, weight_global, weights, drawn_scales = make_inputs(seed, memory, k=k, has_global=has_global)
+    x, weight_global, weights, drawn_scales = make_inputs(seed, memory, k=k, has_global=has_global, **sizes)
     scales = drawn_scales if scales is None else scales
     draw = draw_mask(region, ratio, x.shape[3], x.shape[4], generator=torch.Generator().manual_seed(seed + 100))
     leaves = [t.requires_grad_() for t in [x, *weights] + ([weight_global] if has_global else [])]
@@ -122,6 +122,14 @@ def test_every_output_element_is_written(region):
     with poisoned_outputs():
         check(9, region, 0.5, "inception-concat", impl="triton")
         check(10, region, 0.4, "plain", impl="triton")
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_channel_counts_in_whole_k_blocks(region):
+    """Channel counts that are multiples of 16 take the kernels' aligned K loop (``k_tiling``):
+    48 input channels are 3 K blocks of 16; the 2 x 16 branch channels are the dgrad's sources."""
+    with poisoned_outputs():
+        check(12, region, 0.5, "inception-concat", "channels-last", impl="triton", c_in=48, c_out=16, h=7, w=5)
 
 
 @pytest.mark.parametrize("fuse", ["add", "concat"])

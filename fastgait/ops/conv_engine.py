@@ -201,6 +201,23 @@ def _block(size: int, low: int, high: int) -> int:
     return max(low, min(high, 1 << max(size - 1, 0).bit_length()))
 
 
+def k_tiling(c_src: int, cap: int, gpu: bool, taps: int = 9, interpreter_cap: int = 64) -> dict:
+    """``BLOCK_K`` and ``C_BLOCKS`` of an implicit-GEMM K over ``taps`` taps x ``c_src`` channels.
+
+    Aligned (``c_src`` a multiple of 16): ``BLOCK_K`` is the largest power of two <= ``cap`` that
+    divides ``c_src`` and ``C_BLOCKS = c_src / BLOCK_K``: each K block is one tap's channels, so
+    the kernels test bounds per row and load each row's channels as vectors
+    (``_accumulate_row_taps``). Otherwise (OU-MVLP's ragged counts) ``C_BLOCKS = 0``: K runs flat
+    over ``(tap, channel)`` with per-element masks.
+    """
+    if c_src % 16 == 0:
+        block_k = 16
+        while block_k * 2 <= cap and c_src % (block_k * 2) == 0:
+            block_k *= 2
+        return dict(BLOCK_K=block_k, C_BLOCKS=c_src // block_k)
+    return dict(BLOCK_K=_block(taps * c_src, 16, cap if gpu else interpreter_cap), C_BLOCKS=0)
+
+
 def launch_configs(
     device: torch.device, c_in: int, c_out: int, c_pre: int, row_len: int, channels_last: bool = True
 ) -> dict:
@@ -232,12 +249,11 @@ def launch_configs(
     return {
         # Without channels-last the A tiles are gathers strided in K: a 64-wide K block spills there.
         "gemm": dict(BLOCK_M=flat, BLOCK_N=block(c_out, 16 if ragged(c_out) else gemm_n, 16),
-                     BLOCK_K=block(9 * c_in, k_cap(c_in, c_out, wide=channels_last), 64), num_warps=8),
-        "dgrad": dict(BLOCK_M=flat, BLOCK_N=block(c_in, 32 if ragged(c_pre) else 64, 16), BLOCK_K=block(9 * c_pre, k_cap(c_pre, c_in), 64),
-                      num_warps=8),
-        "p0": dict(BLOCK_M=row, BLOCK_N=block(c_out, 64, 16), BLOCK_K=block(9 * c_in, k_cap(c_in, c_out), 64),
-                   num_warps=8),
-        "delta_dgrad": dict(BLOCK_M=row, BLOCK_N=block(c_in, 64, 16), BLOCK_K=block(9 * c_out, k_cap(c_out, c_in), 64),
+                     **k_tiling(c_in, k_cap(c_in, c_out, wide=channels_last), gpu), num_warps=8),
+        "dgrad": dict(BLOCK_M=flat, BLOCK_N=block(c_in, 32 if ragged(c_pre) else 64, 16),
+                      **k_tiling(c_pre, k_cap(c_pre, c_in), gpu), num_warps=8),
+        "p0": dict(BLOCK_M=row, BLOCK_N=block(c_out, 64, 16), **k_tiling(c_in, k_cap(c_in, c_out), gpu), num_warps=8),
+        "delta_dgrad": dict(BLOCK_M=row, BLOCK_N=block(c_in, 64, 16), **k_tiling(c_out, k_cap(c_out, c_in), gpu),
                             num_warps=8),
         "elementwise": dict(BLOCK_M=64 if gpu else 128, BLOCK_N=block(c_out, 32, 16), num_warps=8),
         "wgrad": dict(BLOCK_M=64 if gpu else 256, BLOCK_O=_block(c_pre, 16, 128), num_warps=8),
@@ -302,8 +318,8 @@ def _wgrad(x, grad, grad_strides, c_grad, slots, cuts, config):
     the slots are cut slots and X is read on the across rows only (the delta term).
     """
     n, c_in, t, h, w = x.shape
-    block_k = _block(27 * c_in, 16, 64 if gpu_choices(x.device) else 128)
-    tiles = _cdiv(c_grad, config["BLOCK_O"]) * _cdiv(27 * c_in, block_k)
+    k_config = k_tiling(c_in, 64, gpu_choices(x.device), taps=27, interpreter_cap=128)
+    tiles = _cdiv(c_grad, config["BLOCK_O"]) * _cdiv(27 * c_in, k_config["BLOCK_K"])
     reductions = n * slots * _cdiv(t * w, config["BLOCK_M"])  # position tiles, each within one (n, slot) row
     if gpu_choices(x.device):  # split the reduction until the GPU is busy; partial sums keep it deterministic
         wanted = _cdiv(4 * sm_count(x.device), tiles)
@@ -317,7 +333,7 @@ def _wgrad(x, grad, grad_strides, c_grad, slots, cuts, config):
     _kernels().conv3x3x3_wgrad_kernel[(tiles, splits)](
         x, grad, band, partial, reductions, per_split, slots, t, h, w, c_in, c_grad,
         *x.stride(), *grad_strides, cuts.size if cuts is not None else 0, CUT_EDGES=cuts is not None,
-        GEOM=cuts.geom_id if cuts is not None else 0, BLOCK_K=block_k, **config,
+        GEOM=cuts.geom_id if cuts is not None else 0, **k_config, **config,
     )  # fmt: skip
     return partial.sum(0).view(c_grad, 3, 3, 3, c_in).permute(0, 4, 1, 2, 3)
 
@@ -509,9 +525,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight_global, weight_local, band_start, gates)
     ctx.config = tuple(config)
     ctx.mark_non_differentiable(gates)
+    # No zero gradient for the gates (a uint8 tensor the size of [G; F]) at the peak of the backward.
+    ctx.set_materialize_grads(False)
 
 
 def _autograd_backward(ctx, grad_y, _grad_gates):
+    if grad_y is None:
+        return (None,) * 10
     x, weight_global, weight_local, band_start, gates = ctx.saved_tensors
     dx, dweight = torch.ops.fastgait.cut_conv3d_backward(
         grad_y, x, weight_global, weight_local, band_start, gates, *ctx.config

@@ -302,10 +302,13 @@ def _setup_context(ctx, inputs, output):
     ctx.frames = x.shape[2] if x.dim() == 5 else 0
     ctx.x_order = _alloc.stride_order(x)
     ctx.mark_non_differentiable(frame_max, frame_arg)
+    ctx.set_materialize_grads(False)  # no zero gradients for the frame max and argmax
     ctx.save_for_backward(frame_max if x.dim() == 5 else x, frame_arg, out, p)
 
 
 def _backward(ctx, grad_out, _grad_frame_max, _grad_frame_arg):
+    if grad_out is None:
+        return None, None, None, None, None
     frame_max, frame_arg, out, p = ctx.saved_tensors
     if ctx.frames and frame_arg.numel() == 0:
         raise RuntimeError(f"{OP}: the forward ran with keep_frame_max=False; it cannot be differentiated")

@@ -46,7 +46,7 @@ from ._dispatch import gpu_choices, resolve_impl, sm_count
 from .conv import conv3d
 from .conv_engine import (
     TRITON_DTYPES, _block, _cdiv, _check_sample_extent, _dgrad_pack, _empty_activation, _forward_pack, _in_format_of,
-    compute_dtype,
+    compute_dtype, k_tiling,
 )
 from .masks import unit_threshold
 from .masks import band_height, draw_seed, unit_mask
@@ -304,13 +304,13 @@ def _rm_configs(device, c_in, c_all, c_pre, channels_last):
         return _block(size, 16, gpu_cap if gpu else interpreter_cap)
 
     return {
-        "masked": dict(BLOCK_M=128, BLOCK_N=block(c_all, 64, 16), BLOCK_K=block(9 * c_in, 64 if channels_last else 32, 64),
+        "masked": dict(BLOCK_M=128, BLOCK_N=block(c_all, 64, 16), **k_tiling(c_in, 64 if channels_last else 32, gpu),
                        num_warps=8),
-        "dgrad": dict(BLOCK_M=128, BLOCK_N=block(c_in, 64, 16), BLOCK_K=block(9 * c_all, 64 if channels_last else 32, 64),
+        "dgrad": dict(BLOCK_M=128, BLOCK_N=block(c_in, 64, 16), **k_tiling(c_all, 64 if channels_last else 32, gpu),
                       num_warps=8),
         "elementwise": dict(BLOCK_M=64 if gpu else 128, BLOCK_N=block(c_pre, 32, 16), num_warps=4 if gpu else 8),
-        "wgrad": dict(BLOCK_M=64 if gpu else 256, BLOCK_O=_block(c_all, 16, 128), BLOCK_K=block(27 * c_in, 64, 128),
-                      num_warps=8),
+        "wgrad": dict(BLOCK_M=64 if gpu else 256, BLOCK_O=_block(c_all, 16, 128),
+                      **k_tiling(c_in, 64, gpu, taps=27, interpreter_cap=128), num_warps=8),
     }
 
 
@@ -394,9 +394,8 @@ def _rm_backward(grad_y, x, weight_global, weight_rm, scales, params, gates, reg
             grad_part, _dgrad_pack(weight_rm), params, dx, t, h, w, window, c_all, c_in,
             *grad_part.stride(), *dx.stride(), *mask_args, REGION=_REGION_IDS[region], **config,
         )  # fmt: skip
-        config = dict(configs["wgrad"])
-        block_k = config.pop("BLOCK_K")
-        tiles = _cdiv(c_all, config["BLOCK_O"]) * _cdiv(27 * c_in, block_k)
+        config = configs["wgrad"]
+        tiles = _cdiv(c_all, config["BLOCK_O"]) * _cdiv(27 * c_in, config["BLOCK_K"])
         reductions = n * window * _cdiv(t * w, config["BLOCK_M"])
         wanted = _cdiv(4 * sm_count(x.device), tiles) if gpu_choices(x.device) else 2
         per_split = _cdiv(reductions, max(1, min(reductions, wanted, 64)))
@@ -404,7 +403,7 @@ def _rm_backward(grad_y, x, weight_global, weight_rm, scales, params, gates, reg
         partial = _alloc.empty(splits, c_all, 27 * c_in, dtype=torch.float32, device=x.device)
         kernels.rm_masked_wgrad_kernel[(tiles, splits)](
             x, grad_part, params, partial, reductions, per_split, t, h, w, window, c_in, c_all,
-            *x.stride(), *grad_part.stride(), *mask_args, REGION=_REGION_IDS[region], BLOCK_K=block_k, **config,
+            *x.stride(), *grad_part.stride(), *mask_args, REGION=_REGION_IDS[region], **config,
         )  # fmt: skip
         dweight[c_pre - c_all :] += partial.sum(0).view(c_all, 3, 3, 3, c_in).permute(0, 4, 1, 2, 3)
     return dx, dweight.to(weight.dtype).contiguous()
@@ -455,9 +454,12 @@ def _rm_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight_global, weight_rm, scales, params, output[1])
     ctx.config = tuple(config)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero gradient for the gates
 
 
 def _rm_autograd_backward(ctx, grad_y, _grad_gates):
+    if grad_y is None:
+        return (None,) * 12
     x, weight_global, weight_rm, scales, params, gates = ctx.saved_tensors
     dx, dweight = torch.ops.fastgait.rmb_conv3d_backward(
         grad_y, x, weight_global, weight_rm, scales, params, gates, *ctx.config

@@ -237,10 +237,13 @@ def _triplet_setup_context(ctx, inputs, output):
     _, info, ratio, part_scale = output
     ctx.need_grad = need_grad
     ctx.mark_non_differentiable(info, ratio, part_scale)
+    ctx.set_materialize_grads(False)  # no zero gradients for info, ratio ([p, n, n]) and part_scale
     ctx.save_for_backward(embeddings, ratio, part_scale)
 
 
 def _triplet_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:
+        return None, None, None, None
     embeddings, ratio, part_scale = ctx.saved_tensors
     if not ctx.need_grad:
         raise RuntimeError("triplet_loss: the forward ran with need_grad=False; it cannot be differentiated")

@@ -31,10 +31,14 @@ class FakeTimer:
         return self.ms[name]
 
 
-def make(timer, *, store=None, context=lambda: "", timeable=True):
+def cuda_only(device):
+    """Timing is possible on (pretend) CUDA devices, not while capturing (never, here)."""
+    return None if device.type == "cuda" else "not on CUDA"
+
+
+def make(timer, *, store=None, context=lambda: "", why=cuda_only):
     return Chooser("cut_conv3d", ("hybrid", "gemm"), "hybrid", env_var=ENV, timer=timer, store=store,
-                   context=context, why_not_timed=None if timeable is None else
-                   (lambda device: None if device.type == "cuda" else "not on CUDA"))
+                   context=context, why_not_timed=why)
 
 
 def run(candidate):
@@ -97,8 +101,7 @@ def test_off_cuda_the_fallback_untimed_and_uncached():
 def test_no_timing_during_cuda_graph_capture(monkeypatch):
     """The default ``why_not_timed``: during capture the fallback (or a choice made before)."""
     timer = FakeTimer({"hybrid": 2.0, "gemm": 1.0})
-    chooser = make(timer, timeable=None)
-    chooser.why_not_timed = _autotune.why_not_timed
+    chooser = make(timer, why=_autotune.why_not_timed)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert chooser.choose(("k",), run, CUDA) == "hybrid"
     assert timer.calls == [] and chooser.choices() == {}, "nothing timed or cached while capturing"
@@ -146,6 +149,9 @@ def test_engine_designs():
     assert conv_engine.DESIGN_CHOICES == ("auto", "hybrid", "gemm")
     assert conv_engine.CHOOSER.candidates == conv_engine.DESIGNS
     assert conv_engine.CHOOSER.fallback == conv_engine.FALLBACK_DESIGN
+    assert conv_engine.CHOOSER.env_var == conv_engine.DESIGN_ENV == "FASTGAIT_CONV_DESIGN"
+    # persisted choices are reused only with the same engine and kernel sources
+    assert conv_engine.CHOOSER.context() == conv_engine._sources_digest() and len(conv_engine._sources_digest()) == 16
 
 
 def test_engine_auto_on_cpu_is_the_fallback_untimed(monkeypatch):

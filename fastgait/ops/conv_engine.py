@@ -492,12 +492,11 @@ def _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, 
 
 def _sources_digest() -> str:
     """The engine's and its kernels' sources: a persisted choice is only reused for the same code."""
+    import fastgait.kernels
+
     digest = hashlib.sha256()
-    for path in (Path(__file__), Path(__file__).resolve().parent.parent / "kernels" / "conv_engine.py"):
-        try:
-            digest.update(path.read_bytes())
-        except OSError:
-            pass
+    for path in (Path(__file__), Path(fastgait.kernels.__file__).resolve().parent / "conv_engine.py"):
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -6,8 +6,8 @@ Providers: ``reference-eager`` (the spec: OpenGait's per-strip convolutions; ``X
 materialised), ``reference-compiled``, ``torch`` (the engine in PyTorch: one stacked convolution
 plus the cut rows / the masked rows), for GL ``triton-hybrid`` / ``triton-gemm`` (the fused
 engine's designs) / ``triton-auto`` (the default: the faster design per shape; the row's
-``design_choices`` record the choice) and for ReverseMask ``triton`` (``fastgait::rmb_conv3d``: vendor convolution of X, Triton
-kernels for ``A`` with the mask in-kernel).
+``design_choices`` record the choice) and for ReverseMask ``triton`` (``fastgait::rmb_conv3d``:
+vendor convolution of X, Triton kernels for ``A`` with the mask in-kernel).
 
 FLOPs of one forward (``conv`` = one 3x3x3 convolution at the block's shape):
 - GL: ``2*conv`` for every provider (the reference's per-strip convolutions sum to one), plus

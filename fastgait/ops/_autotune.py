@@ -21,7 +21,8 @@ Optional persistence: with ``$FASTGAIT_CACHE`` set, a chooser with a ``store`` n
 timed choices in ``$FASTGAIT_CACHE/autotune/<store>.json`` (written atomically: a temporary
 file, then ``os.replace``), under a context of the torch and Triton versions and ``context``
 (e.g. a digest of the kernels' sources); the key holds the GPU's name. Choices from another
-context are ignored.
+context are ignored. Concurrent writers (DDP ranks) never leave a torn file, but one may drop
+another's new entries: those are timed again in the next process.
 
 :func:`usage` collects the choices a block of code used (benchmarks record them).
 """
@@ -247,9 +248,14 @@ class Chooser:
             data = {context: data.get(context, {})}  # choices of other versions are dropped
             data[context][json.dumps(choice.key)] = {"choice": choice.choice, "timings_ms": choice.timings_ms}
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)  # atomic: readers see the old file or the new one
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         except OSError as error:
             log.warning("%s: could not write %s: %s", self.name, path, error)
 

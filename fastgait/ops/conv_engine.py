@@ -500,9 +500,8 @@ def _sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-CHOOSER = _autotune.Chooser(
-    OP, DESIGNS, FALLBACK_DESIGN, env_var=DESIGN_ENV, store=OP, context=functools.lru_cache(maxsize=None)(_sources_digest)
-)
+CHOOSER = _autotune.Chooser(OP, DESIGNS, FALLBACK_DESIGN, env_var=DESIGN_ENV, store=OP,
+                            context=functools.lru_cache(maxsize=None)(_sources_digest))
 
 
 @functools.lru_cache(maxsize=None)
@@ -585,7 +584,9 @@ def _cut_conv3d_backward_op(
         cuts = Cuts(geometry, size, band_start)
 
         def run(candidate):
-            return _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, negative_slope, candidate)
+            return _backward(
+                grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, negative_slope, candidate
+            )
 
         return run(resolve_design(design, "bwd", run, x, weight_global, weight_local, cuts, fuse, terms))
 

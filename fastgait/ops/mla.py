@@ -27,7 +27,10 @@ import torch
 from .._nvtx import nvtx_range
 from ._checks import check_same_dtype, check_tensor
 from ._dispatch import host_readable, resolve_impl
-from .conv_engine import DEFAULT_DESIGN, DESIGN_CHOICES, DESIGNS, FALLBACK_DESIGN, FUSES, Cuts, compute_dtype, cut_conv3d_torch, cut_conv3d_triton, cut_rows
+from .conv_engine import (  # noqa: F401 - DESIGN_CHOICES, DESIGNS, FALLBACK_DESIGN: re-exported
+    DEFAULT_DESIGN, DESIGN_CHOICES, DESIGNS, FALLBACK_DESIGN, FUSES, Cuts, compute_dtype, cut_conv3d_torch,
+    cut_conv3d_triton, cut_rows,
+)
 from .reference import mla_conv3d_reference
 
 OP = "mla_conv3d"

@@ -41,6 +41,7 @@ import pytest
 import torch
 
 import fastgait.ops.mla as mla_module
+from fastgait.ops import _autotune, conv_engine
 from fastgait.testing import relative_error
 
 from bench import _results
@@ -303,6 +304,7 @@ def environment(device: torch.device) -> dict:
         "dirty": None if status is None else bool(status),
         "source_digest": source_digest(),
         "mla_default_design": getattr(mla_module, "DEFAULT_DESIGN", None),
+        "conv_design_override": os.environ.get(conv_engine.DESIGN_ENV) or None,
         "gpu": None,
     }
     if device.type == "cuda":
@@ -579,8 +581,20 @@ def _forward_backward(bench: Bench, spec: OpBench, fn: Callable, inputs: dict) -
     return [out.detach()] + [leaf.grad.detach().clone() for leaf in _leaves(inputs)]
 
 
+def design_choices(used: dict) -> Optional[list[dict]]:
+    """What the row-cut engine's ``design="auto"`` chose in a case (``_autotune.usage()``), as a row
+    field: one entry per shape and direction, with the timings it chose by; None if it was not used."""
+    return conv_engine.design_choices(used) or None
+
+
 def run_op_case(benchmark, bench: Bench, spec: OpBench, case: Case) -> dict:
-    """Check the provider against the reference on the same inputs, then time the pass."""
+    """Check the provider against the reference on the same inputs, then time the pass; the row
+    records the designs ``design="auto"`` chose (``design_choices``)."""
+    with _autotune.usage() as used:
+        return _run_op_case(benchmark, bench, spec, case, used)
+
+
+def _run_op_case(benchmark, bench: Bench, spec: OpBench, case: Case, used: dict) -> dict:
     config, provider, pass_ = case.config, case.provider, case.pass_
     compiled = provider.endswith("-compiled")
     key = (spec.op, config.name, provider)
@@ -628,6 +642,7 @@ def run_op_case(benchmark, bench: Bench, spec: OpBench, case: Case) -> dict:
     row = bench.record(
         benchmark, case, spec.op, times, spec.work(bench, config, provider, pass_),
         shape=config.shape(), dtype=str(spec.dtype(bench)).replace("torch.", ""), rel_error=error, compile_s=compile_s,
+        design_choices=design_choices(used),
     )
     for leftover in sets:
         _clear_grads(leftover)

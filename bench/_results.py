@@ -21,6 +21,11 @@ A row (one measurement; ``None`` where a field does not apply):
   provider computes), ``bytes`` (fewest bytes moved), ``floor_ms``, ``pct_floor``, ``tflops``
   (executed FLOPs over time), ``throughput`` (sequences/s, steps and loaders);
 - checks: ``rel_error`` (against the reference, same inputs), ``compile_s``;
+- ``design_choices`` (rows that ran the row-cut engine with ``design="auto"``, else None): one
+  entry per block shape and direction: the key's fields (``direction``, ``x_shape``, ``dtype``,
+  ``layout``, ``c_out``, ``has_global``, ``fuse``, ``terms``, ``geometry``, ``size``, ``cut``,
+  ``device``), ``choice``, ``timings_ms`` (per design) and ``how`` (``timed``, ``cached``, ``env``,
+  or why it was not timed);
 - derived by :func:`finalise` against baselines of the same run: ``time_ratio_eager``,
   ``speedup_eager``, ``memory_ratio_eager`` (and ``*_compiled``), ``projected_80k_h``,
   ``loader_vs_step``.
@@ -124,7 +129,7 @@ class Target:
         return f"{sign} {self.threshold:g}{self.unit}"
 
 
-MLA_DESIGNS = ("triton-hybrid", "triton-gemm")
+MLA_DESIGNS = ("triton-hybrid", "triton-gemm", "triton-auto")
 TARGETS = (
     Target("MLA time / eager ref", "Fused MLA block, fwd+bwd, bf16, CASIA-B shapes: time vs reference eager "
            "(cuDNN, channels-last-3d, autocast bf16)", "mla_conv3d", "fwd+bwd", MLA_DESIGNS,

@@ -21,8 +21,9 @@ from bench._results import BASELINES, TARGETS, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-PROVIDER_ORDER = ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm", "triton",
-                  "fastgait-eager", "fastgait")
+PROVIDER_ORDER = ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm", "triton-auto",
+                  "triton", "fastgait-eager", "fastgait")
+DESIGN_ORDER = ("hybrid", "gemm")  # the row-cut engine's designs, as fastgait.ops.conv_engine.DESIGNS
 OPS = (("mla_conv3d", "Fused MLA block (`mla_conv3d`)"),
        ("conv3x3x3", "The MLA blocks' stacked 3x3x3 convolution in the vendor's forms (`bench/test_conv_forms.py`)"),
        ("gem_hpp", "GeM over strips with temporal max (`gem_hpp`)"),
@@ -173,6 +174,55 @@ def data_section(rows: list[dict]) -> list[str]:
     return ["### Data loading", ""] + table(header, body) + [""]
 
 
+def _block(entry: dict) -> str:
+    """A row-cut engine call in words: geometry and cut size, fusion, terms."""
+    parts = [f"{entry.get('geometry')} {entry.get('size')}",
+             entry.get("fuse") if entry.get("has_global") else "local only", entry.get("terms")]
+    if not entry.get("cut", True):
+        parts.append("no cut rows")
+    return ", ".join(str(p) for p in parts)
+
+
+def design_section(rows: list[dict]) -> list[str]:
+    """What the row-cut engine's ``design="auto"`` chose per block shape and direction (rows'
+    ``design_choices``: the fused-op benches' ``triton-auto`` and the training steps)."""
+    found: dict[tuple, dict] = {}
+    providers: dict[tuple, list[str]] = {}
+    for row in ordered([r for r in rows if r.get("design_choices")]):
+        for entry in row["design_choices"]:
+            fields = tuple(json_key(entry.get(k)) for k in ("direction", "x_shape", "dtype", "layout", "c_out",
+                                                          "has_global", "fuse", "terms", "geometry", "size", "cut"))
+            key = (row["config"], fields)
+            found.setdefault(key, entry)
+            if entry.get("how") == "timed":  # a timed entry beats an untimed one
+                found[key] = entry if found[key].get("how") != "timed" else found[key]
+            providers.setdefault(key, [])
+            if row["provider"] not in providers[key]:
+                providers[key].append(row["provider"])
+    if not found:
+        return []
+    designs = list(dict.fromkeys(d for e in found.values() for d in (e.get("timings_ms") or {})))
+    designs.sort(key=lambda d: (DESIGN_ORDER.index(d) if d in DESIGN_ORDER else len(DESIGN_ORDER), d))
+    header = ["config", "providers", "pass", "x [n, c_in, t, h, w]", "c_out", "block", "dtype, layout", "chosen",
+              *[f"{d} ms" for d in designs], "how"]
+    body = []
+    for (config, _), entry in found.items():
+        timings = entry.get("timings_ms") or {}
+        body.append([
+            config, ", ".join(providers[(config, _)]), str(entry.get("direction")),
+            "×".join(str(v) for v in entry.get("x_shape") or []), str(entry.get("c_out")), _block(entry),
+            f"{entry.get('dtype')}, {entry.get('layout')}", f"**{entry.get('choice')}**",
+            *[fmt(timings.get(d), ".3g") for d in designs], str(entry.get("how")),
+        ])
+    note = ("The row-cut engine's default design, `auto`, times both designs on a shape's first call and keeps the "
+            "faster, the forward (`fwd`) and the backward (`bwd`) apart; ms: median of its CUDA-event timings.")
+    return ["### Design chosen per shape", "", note, ""] + table(header, body) + [""]
+
+
+def json_key(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
 def environment_lines(data: dict) -> list[str]:
     env = data["environment"]
     commit = (env.get("commit") or "unknown")[:12] + (" (uncommitted changes)" if env.get("dirty") else "")
@@ -180,7 +230,8 @@ def environment_lines(data: dict) -> list[str]:
         f"GPU {env.get('gpu') or 'none'} · driver {env.get('driver') or '—'} · CUDA {env.get('cuda') or '—'} · "
         f"torch {env.get('torch')} · triton {env.get('triton') or '—'} · Python {env.get('python')} · "
         f"commit `{commit}` · sources `{env.get('source_digest')}` · "
-        f"default MLA design `{env.get('mla_default_design') or '—'}`",
+        f"default MLA design `{env.get('mla_default_design') or '—'}`"
+        + (f" (`FASTGAIT_CONV_DESIGN={env['conv_design_override']}`)" if env.get("conv_design_override") else ""),
     ]
     for run in data["runs"]:
         ceilings = run.get("ceilings") or {}
@@ -218,7 +269,7 @@ def file_section(stem: str, data: dict, plot_links: list[str]) -> list[str]:
     lines += environment_lines(data) + ["", "### Targets", ""] + targets_table(rows) + [""]
     for op, title in OPS:
         lines += op_section(rows, op, title)
-    lines += step_section(rows) + profile_section(data) + data_section(rows)
+    lines += step_section(rows) + design_section(rows) + profile_section(data) + data_section(rows)
     lines += [f"![{Path(link).stem}]({link})" for link in plot_links]
     return lines + [""]
 
@@ -316,12 +367,21 @@ def write_plots(stem: str, data: dict, folder: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 
 
+def synthetic_choices(config: str) -> list[dict]:
+    """Made-up ``design_choices`` of a row: one MLA-A block shape, forward and backward."""
+    block = {"op": "cut_conv3d", "x_shape": [128, 32, 10, 64, 44], "dtype": "bfloat16", "layout": "channels_last_3d",
+             "c_out": 64, "has_global": True, "fuse": "add", "terms": "pair", "geometry": "band", "size": 25,
+             "cut": True, "device": "Synthetic GPU", "how": "timed"}
+    return [dict(block, direction="fwd", choice="gemm", timings_ms={"hybrid": 1.2, "gemm": 1.0}),
+            dict(block, direction="bwd", choice="hybrid", timings_ms={"hybrid": 2.1, "gemm": 2.6})]
+
+
 def synthetic_results() -> dict:
     """A results file with made-up, plausible numbers for every op, pass, provider, step and loader."""
     run = "synthetic-run"
     ceilings = {"matmul_bf16_tflops": 790.0, "matmul_fp32_tflops": 400.0, "copy_gbps": 3000.0}
     speed = {"reference-eager": 1.0, "reference-compiled": 1.2, "torch": 1.3, "triton-hybrid": 1.9,
-             "triton-gemm": 1.6, "triton": 6.0, "fastgait-eager": 1.6, "fastgait": 2.4}
+             "triton-gemm": 1.6, "triton-auto": 2.0, "triton": 6.0, "fastgait-eager": 1.6, "fastgait": 2.4}
     rows = []
 
     def add(op, config, provider, pass_, base_ms, flops, **extra):
@@ -338,17 +398,21 @@ def synthetic_results() -> dict:
 
     for op, configs, providers in (
         ("mla_conv3d", ("casia-b MLA-A 32-64 10x64x44", "casia-b MLA-B 128-128 10x32x22"),
-         ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm")),
+         ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm", "triton-auto")),
         ("gem_hpp", ("casia-b GaitMask 128x10x64x22",), ("reference-eager", "reference-compiled", "triton")),
         ("triplet_loss", ("casia-b 8x16 c128 p64", "32x8 c128 p64"), ("reference-eager", "reference-compiled", "triton")),
     ):
         for config in configs:
             for scale, pass_ in ((1, "fwd"), (2, "bwd"), (3, "fwd+bwd")):
                 for provider in providers:
-                    add(op, config, provider, pass_, 4.0 * scale, 1.2e12 * scale)
+                    extra = {"design_choices": synthetic_choices(config)} if provider == "triton-auto" else {}
+                    add(op, config, provider, pass_, 4.0 * scale, 1.2e12 * scale, **extra)
     for model in ("GaitMask casia-b", "ReverseMaskNet casia-b inception", "GaitGL casia-b"):
         for provider in ("reference-eager", "reference-compiled", "fastgait-eager", "fastgait"):
-            add("train_step", model, provider, "step", 60.0, 9.7e12, throughput=128 / (0.06 / speed[provider]))
+            fused = provider.startswith("fastgait") and model == "GaitMask casia-b"
+            extra = {"design_choices": synthetic_choices(model)} if fused else {}
+            add("train_step", model, provider, "step", 60.0, 9.7e12, throughput=128 / (0.06 / speed[provider]),
+                **extra)
     for workers, rate in ((0, 900.0), (4, 3500.0), (8, 6000.0)):
         rows.append({"run": run, "op": "data_loader", "config": "casia-b 8x16", "provider": f"workers={workers}",
                      "pass": "load", "median_ms": 128e3 / rate, "throughput": rate})

@@ -5,8 +5,9 @@ GaitGL's GL block (``gl_conv3d``), ReverseMask's RMFE pair (Plain RMB) and Incep
 Providers: ``reference-eager`` (the spec: OpenGait's per-strip convolutions; ``Xa``/``Xb``
 materialised), ``reference-compiled``, ``torch`` (the engine in PyTorch: one stacked convolution
 plus the cut rows / the masked rows), for GL ``triton-hybrid`` / ``triton-gemm`` (the fused
-engine) and for ReverseMask ``triton`` (``fastgait::rmb_conv3d``: vendor convolution of X, Triton
-kernels for ``A`` with the mask in-kernel).
+engine's designs) / ``triton-auto`` (the default: the faster design per shape; the row's
+``design_choices`` record the choice) and for ReverseMask ``triton`` (``fastgait::rmb_conv3d``:
+vendor convolution of X, Triton kernels for ``A`` with the mask in-kernel).
 
 FLOPs of one forward (``conv`` = one 3x3x3 convolution at the block's shape):
 - GL: ``2*conv`` for every provider (the reference's per-strip convolutions sum to one), plus
@@ -72,7 +73,7 @@ SMOKE = [
     ConvConfig("tiny GL 4-8 3x8x6", "gl", 2, 4, 8, 3, 8, 6, halving=2),
     ConvConfig("tiny Inception-RMB 4-8 3x8x6", "inception", 2, 4, 8, 3, 8, 6, "concat", region="block"),
 ]
-PROVIDERS = {"gl": ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm"),
+PROVIDERS = {"gl": ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm", "triton-auto"),
              "rmfe": ("reference-eager", "reference-compiled", "torch", "triton"),
              "inception": ("reference-eager", "reference-compiled", "torch", "triton")}
 

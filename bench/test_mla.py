@@ -3,7 +3,9 @@
 Providers: ``reference-eager`` (``impl="reference"``: three cuDNN convolutions on masked copies,
 under bf16 autocast with channels-last-3d inputs, the fair baseline of fused_ops.md §1),
 ``reference-compiled`` (the same, ``torch.compile``'d), ``torch`` (the band-aware PyTorch path),
-``triton-hybrid`` and ``triton-gemm`` (``fastgait.ops.mla.mla_conv3d_triton``'s two designs).
+``triton-hybrid`` and ``triton-gemm`` (``fastgait.ops.mla.mla_conv3d_triton``'s two designs) and
+``triton-auto`` (the default: the faster design per shape, forward and backward chosen apart by
+timing; the row's ``design_choices`` say what it chose and the timings it chose by).
 
 FLOPs of one forward, with ``conv = 2·N·C_in·C_out·27·T·H·W`` (one 3×3×3 convolution):
 - reference (executed): ``3·conv`` (global, and the local weight on ``X·M0`` and on ``X·M1``);
@@ -29,7 +31,7 @@ pytestmark = [h.TIMED, pytest.mark.filterwarnings("ignore:Dynamo detected a call
 
 OP = "mla_conv3d"
 DROP_RATIO = 0.4  # GaitMask's band: floor(0.4 * H) rows
-PROVIDERS = ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm")
+PROVIDERS = ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm", "triton-auto")
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ class MLABench(h.OpBench):
             return run("torch")
         design = provider.removeprefix("triton-")
         fused = getattr(mla_module, "mla_conv3d_triton", None)
-        if fused is None or design not in getattr(mla_module, "DESIGNS", ()):
+        if fused is None or design not in getattr(mla_module, "DESIGN_CHOICES", getattr(mla_module, "DESIGNS", ())):
             pytest.skip(f"fastgait.ops.mla has no mla_conv3d_triton(..., design={design!r}) yet")
         return lambda i: fused(
             i["x"], i["weight_global"], i["weight_local"], i["band_start"], config.band_rows, config.fuse, design=design

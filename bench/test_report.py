@@ -21,8 +21,11 @@ def test_report_from_synthetic_results(tmp_path):
     for target in TARGETS:
         assert target.text in page
     assert "**not met**" in page and "| met |" in page
-    for section in ("### Fused MLA block", "### GeM", "### Batch-all triplet", "### Whole training step", "### Data loading"):
+    for section in ("### Fused MLA block", "### GeM", "### Batch-all triplet", "### Whole training step",
+                    "### Design chosen per shape", "### Data loading"):
         assert section in page
+    assert "| GaitMask casia-b | fastgait-eager, fastgait | fwd | 128×32×10×64×44 | 64 | band 25, add, pair |" in page
+    assert "**gemm** | 1.2 | 1 | timed |" in page and "**hybrid** | 2.1 | 2.6 | timed |" in page
     for name in report.plot_names("2000-01-01-synthetic-gpu"):
         assert (plots / name).stat().st_size > 0
         assert f"(perf/{name})" in page

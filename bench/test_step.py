@@ -19,6 +19,10 @@ Throughput: sequences per second, ``P·K`` over the median step time.
 Before timing, each provider's first step is checked against the reference's: same seed (so
 the same bands and masks; compiled code draws them as eager code does, see
 ``compiled_randomness_like_eager``), same weights and batch, embeddings within tolerance.
+
+The fused models run the row-cut engine's default design, ``"auto"`` (the faster design per
+shape, timed on the first step): each row's ``design_choices`` lists what it chose per block
+shape and direction, with the timings (``bench/report.py``: "Design chosen per shape").
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from bench import _harness as h
 from bench._results import HEADLINE_STEP
 from fastgait.models import MODELS
 from fastgait.nn import MLA, TripletLoss
+from fastgait.ops import _autotune
 from fastgait.testing import relative_error
 
 pytestmark = [h.TIMED, pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")]
@@ -201,6 +206,11 @@ def step_flops(bench: h.Bench, config: StepConfig, batch: dict) -> tuple[float, 
 
 
 def test_step(benchmark, bench, case):
+    with _autotune.usage() as used:
+        _test_step(benchmark, bench, case, used)
+
+
+def _test_step(benchmark, bench, case, used):
     config, provider = case.config, case.provider
     compiled = PROVIDERS[provider][1]
     bench.require_time(150 if compiled else 30)
@@ -224,6 +234,7 @@ def test_step(benchmark, bench, case):
         benchmark, case, OP, times, work,
         shape=config.shape(), rel_error=error, compile_s=first_s if compiled else None, flops_naive=naive,
         throughput=config.batch / (median_ms * 1e-3) if median_ms else None,
+        design_choices=h.design_choices(used),
     )
     del step
     if bench.device.type == "cuda":

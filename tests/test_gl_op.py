@@ -101,6 +101,24 @@ def test_more_seeds_triton_default(seed):
     check_against_reference("triton-hybrid", replace(CASES["equal-concat"], seed=seed, h=12, halving=1))
 
 
+@pytest.mark.parametrize("forward, backward", [("gemm", "hybrid"), ("hybrid", "gemm")])
+def test_auto_may_mix_designs_forward_and_backward(monkeypatch, forward, backward):
+    """design="auto" resolves the forward and the backward apart (strips, terms "rest"): either
+    backward after either forward gives the reference's gradients."""
+    from fastgait.ops import conv_engine
+
+    picked = {"fwd": forward, "bwd": backward}
+    seen = []
+
+    def choose(key, run, device):
+        seen.append(key[1])
+        return picked[key[1]]
+
+    monkeypatch.setattr(conv_engine.CHOOSER, "choose", choose)
+    check_against_reference("triton-auto", replace(CASES["unequal-add"], seed=44))
+    assert seen == ["fwd", "bwd"]
+
+
 @pytest.mark.parametrize("design", DESIGNS)
 def test_every_output_element_is_written(design):
     with poisoned_outputs():

@@ -86,6 +86,24 @@ def test_mla_parity(design, c_in, c_out, h, w, fuse, dtype):
     assert_within_reference_error(("y", "dx", "dw_global", "dw_local"), got, low, exact)
 
 
+@pytest.mark.parametrize("design", ["auto", "gemm>hybrid", "hybrid>gemm"])
+def test_mla_parity_auto_and_mixed_designs(design, monkeypatch):
+    """``design="auto"`` times both designs on the GPU (forward and backward apart) and runs the
+    faster; a forward of one design with the backward of the other is as exact as either."""
+    from fastgait.ops import _autotune, conv_engine
+
+    monkeypatch.delenv(conv_engine.DESIGN_ENV, raising=False)
+    if ">" in design:
+        picked = dict(zip(("fwd", "bwd"), design.split(">")))
+        monkeypatch.setattr(conv_engine.CHOOSER, "choose", lambda key, run, device: picked[key[1]])
+    with _autotune.usage() as used:
+        test_mla_parity("auto", *MLA_SHAPES[1], torch.bfloat16)
+    if design == "auto":
+        assert sorted(c.key[1] for c in used.values()) == ["bwd", "fwd"]
+        assert all(c.how in ("timed", "cached") and set(c.timings_ms) == set(conv_engine.DESIGNS)
+                   for c in used.values())
+
+
 def _conv_inputs(gen, n, c_in, c_out, t, h, w, weights):
     x = torch.randn(n, c_in, t, h, w, device="cuda", generator=gen).to(memory_format=torch.channels_last_3d)
     ws = [torch.randn(c_out, c_in, 3, 3, 3, device="cuda", generator=gen) * (c_in * 27) ** -0.5 for _ in range(weights)]

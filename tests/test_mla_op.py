@@ -135,6 +135,40 @@ def test_triton_impl_runs_the_default_design_and_takes_int32_bands():
     assert torch.equal(via_impl, direct)
 
 
+@pytest.mark.parametrize("forward, backward, case_name", [("gemm", "hybrid", "per-sample"),
+                                                       ("hybrid", "gemm", "top-concat")])
+def test_auto_may_mix_designs_forward_and_backward(monkeypatch, forward, backward, case_name):
+    """design="auto" resolves the forward and the backward apart; both forwards save the same
+    (y, gates), so either backward gives the reference's gradients after either forward."""
+    from fastgait.ops import conv_engine
+
+    picked = {"fwd": forward, "bwd": backward}
+    seen = []
+
+    def choose(key, run, device):
+        seen.append((key[1], picked[key[1]]))
+        return picked[key[1]]
+
+    monkeypatch.setattr(conv_engine.CHOOSER, "choose", choose)
+    check_against_reference("triton-auto", replace(CASES[case_name], seed=43))
+    assert seen == [("fwd", forward), ("bwd", backward)]
+
+
+def test_auto_on_cpu_runs_the_fallback_design(monkeypatch):
+    """Off CUDA "auto" is FALLBACK_DESIGN, untimed: the same values and gradients, bit for bit."""
+    from fastgait.ops import conv_engine
+
+    monkeypatch.delenv(conv_engine.DESIGN_ENV, raising=False)
+    case = CASES["per-sample"]
+    results = []
+    for design in ("auto", conv_engine.FALLBACK_DESIGN):
+        x, weight_global, weight_local, band_start = make_inputs(case)
+        y = mla_conv3d_triton(x, weight_global, weight_local, band_start, case.band_rows, design=design)
+        results.append([y, *torch.autograd.grad(y, (x, weight_global, weight_local), torch.ones_like(y))])
+    for auto, fallback in zip(*results):
+        assert torch.equal(auto, fallback)
+
+
 @pytest.mark.parametrize("design", DESIGNS)
 def test_autocast_casts_like_a_convolution(design):
     """Under autocast the op casts x and the weights first (custom ops are not auto-cast).

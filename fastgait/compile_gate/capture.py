@@ -226,16 +226,24 @@ def _model_config(config: dict) -> dict:
 
 @contextlib.contextmanager
 def _mla_design(design: Optional[str]) -> Iterator[None]:
-    if design is None:
-        yield
-        return
-    from fastgait.ops import mla
+    """The MLA blocks run ``design`` (None: the default, "auto", which is the engine's
+    FALLBACK_DESIGN on fake tensors); FASTGAIT_CONV_DESIGN is ignored meanwhile, so the
+    scenarios capture the same launches whatever the environment says."""
+    import os
 
-    previous, mla.DEFAULT_DESIGN = mla.DEFAULT_DESIGN, design
+    from fastgait.ops import mla
+    from fastgait.ops.conv_engine import DESIGN_ENV
+
+    override = os.environ.pop(DESIGN_ENV, None)
+    previous = mla.DEFAULT_DESIGN
+    if design is not None:
+        mla.DEFAULT_DESIGN = design
     try:
         yield
     finally:
         mla.DEFAULT_DESIGN = previous
+        if override is not None:
+            os.environ[DESIGN_ENV] = override
 
 
 def _run(scenario: Scenario, config: dict, model: torch.nn.Module) -> None:

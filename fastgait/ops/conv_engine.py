@@ -14,19 +14,32 @@ Paths:
   registered with ``torch.library``, in two designs: ``"hybrid"`` (vendor convolution for
   ``[G; F]``, Triton kernels for ``P`` on the cut rows and the epilogue; vendor dgrad/wgrad plus
   Triton kernels for the cut rows' terms) and ``"gemm"`` (Triton implicit GEMM throughout).
+
+Designs. ``design="auto"`` (the default) picks per shape, by timing both designs on the GPU
+(``fastgait.ops._autotune``): the forward and the backward separately, each keyed by
+direction, x's shape, dtype and layout, ``c_out``, global branch, fuse, terms, geometry, cut
+size, whether rows are cut, and the GPU's name. The designs' forwards save the same
+``(y, gates)`` (the same epilogue writes both), so any forward pairs with any backward. Off
+CUDA (the interpreter, the compile gate's fake tensors) and during CUDA-graph capture "auto"
+is ``FALLBACK_DESIGN``, untimed. ``FASTGAIT_CONV_DESIGN=hybrid|gemm|auto`` overrides what
+"auto" resolves to (an explicit ``design="hybrid"``/``"gemm"`` is always obeyed). With
+``$FASTGAIT_CACHE`` set, timed choices persist in ``$FASTGAIT_CACHE/autotune/cut_conv3d.json``.
+
 The ops that use it validate their inputs; the engine assumes valid ones.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .._nvtx import nvtx_range
-from . import _alloc
+from . import _alloc, _autotune
 from ._dispatch import gpu_choices, sm_count
 from .conv import conv3d
 
@@ -34,14 +47,22 @@ OP = "cut_conv3d"
 GEOMETRIES = ("band", "strips")
 TERMS = ("pair", "rest")
 FUSES = ("add", "concat")
-DESIGNS = ("hybrid", "gemm")
+DESIGNS = ("hybrid", "gemm")  # the two implementations
+DESIGN_CHOICES = ("auto",) + DESIGNS  # what ``design`` accepts
+DESIGN_ENV = "FASTGAIT_CONV_DESIGN"  # hybrid | gemm | auto: overrides what "auto" resolves to
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# The default design is "hybrid", chosen by reasoning and by the first H200 run
-# (shared/measurements/2026-11-30-nvidia-h200*: MLA fwd+bwd, hybrid 0.65-0.99x the eager
-# reference, gemm 2.0-3.7x, before the gemm design's 128x64 tiles and single dot). Re-measure
-# with `pytest bench --benchmark` and flip it if "gemm" wins.
-DEFAULT_DESIGN = "hybrid"
+# The default is "auto": each shape's forward and backward run the design that was faster on
+# this GPU (timed once per process, logged; see the module docstring). Which design wins
+# depends on shape and GPU: the first H200 run (shared/measurements/2026-11-30-nvidia-h200*,
+# before the gemm design's rewrite) had hybrid ahead at every CASIA-B shape (MLA fwd+bwd,
+# hybrid 0.65-0.99x the eager reference, gemm 2.0-3.7x). `pytest bench --benchmark` records
+# what "auto" chose per shape (provider triton-auto, and the step's design_choices); delete a
+# design once it never wins.
+DEFAULT_DESIGN = "auto"
+# What "auto" runs where it cannot time (CPU tensors under the interpreter, the compile gate's
+# fake tensors, CUDA-graph capture): the design that won the first H200 run.
+FALLBACK_DESIGN = "hybrid"
 
 
 @dataclass(frozen=True)
@@ -358,9 +379,11 @@ def cut_conv3d_triton(
     op: str = OP,
 ) -> torch.Tensor:
     """The fused op; under autocast, x and the weights are cast first (custom ops are not
-    auto-cast), like autocast does for ``F.conv3d``. ``op`` names the caller in errors."""
-    if design not in DESIGNS:
-        raise ValueError(f"{op}: design must be one of {DESIGNS}, got {design!r}")
+    auto-cast), like autocast does for ``F.conv3d``. ``op`` names the caller in errors.
+    ``design``: ``"auto"`` (resolved per shape inside the op, forward and backward apart; see
+    the module docstring), ``"hybrid"`` or ``"gemm"``."""
+    if design not in DESIGN_CHOICES:
+        raise ValueError(f"{op}: design must be one of {DESIGN_CHOICES}, got {design!r}")
     dtype = compute_dtype(x)
     if dtype not in TRITON_DTYPES:
         raise TypeError(f"{op}: impl='triton' computes in float32, float16 or bfloat16, got {dtype}; use impl='torch'")
@@ -478,6 +501,67 @@ def _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, 
     return dx, dweight.to(weight.dtype).contiguous()
 
 
+# ----------------------------------------------------------------------------------------
+# design="auto": the faster design per shape, forward and backward apart
+# ----------------------------------------------------------------------------------------
+
+
+def _sources_digest() -> str:
+    """The engine's and its kernels' sources: a persisted choice is only reused for the same code."""
+    import fastgait.kernels
+
+    digest = hashlib.sha256()
+    for path in (Path(__file__), Path(fastgait.kernels.__file__).resolve().parent / "conv_engine.py"):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+CHOOSER = _autotune.Chooser(OP, DESIGNS, FALLBACK_DESIGN, env_var=DESIGN_ENV, store=OP,
+                            context=functools.lru_cache(maxsize=None)(_sources_digest))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def _layout(x: torch.Tensor) -> str:
+    if _is_channels_last(x):
+        return "channels_last_3d"
+    return "contiguous" if x.is_contiguous() else "strided"
+
+
+def design_key(direction: str, x, weight_global, weight_local, cuts: Cuts, fuse: str, terms: str) -> tuple:
+    """What decides which design is faster: the chooser's key."""
+    return (OP, direction, tuple(x.shape), str(x.dtype).removeprefix("torch."), _layout(x), int(weight_local.shape[0]),
+            weight_global is not None, fuse, terms, cuts.geometry, int(cuts.size), cuts.any(x.shape[3]),
+            _device_name(x.device))
+
+
+KEY_FIELDS = ("op", "direction", "x_shape", "dtype", "layout", "c_out", "has_global", "fuse", "terms", "geometry",
+              "size", "cut", "device")
+
+
+def resolve_design(design: str, direction: str, run, x, weight_global, weight_local, cuts, fuse, terms) -> str:
+    """``design``, or for ``"auto"`` the chooser's pick for this shape (``run(design)`` times one)."""
+    if design != "auto":
+        if design not in DESIGNS:
+            raise ValueError(f"{OP}: design must be one of {DESIGN_CHOICES}, got {design!r}")
+        return design
+    key = design_key(direction, x, weight_global, weight_local, cuts, fuse, terms)
+    return CHOOSER.choose(key, run, x.device)
+
+
+def design_choices(used: Optional[dict] = None) -> list[dict]:
+    """The choices as rows (``KEY_FIELDS`` + ``choice``, ``timings_ms``, ``how``): those in ``used``
+    (from ``fastgait.ops._autotune.usage()``), else every choice made in this process."""
+    choices = (used if used is not None else CHOOSER.choices()).values()
+    return [dict(zip(KEY_FIELDS, c.key), x_shape=list(c.key[2]), choice=c.choice, timings_ms=c.timings_ms, how=c.how)
+            for c in choices if c.key[0] == OP]
+
+
 _FORWARD_SCHEMA = (
     "(Tensor x, Tensor? weight_global, Tensor weight_local, Tensor? band_start, str geometry, int size, str fuse, "
     "str terms, float negative_slope, str design) -> (Tensor, Tensor)"
@@ -493,7 +577,11 @@ def _cut_conv3d_op(x, weight_global, weight_local, band_start, geometry, size, f
     """The fused forward: ``(y, gates)``; the uint8 gates are what the backward needs."""
     with nvtx_range("cut_conv3d.forward"):
         cuts = Cuts(geometry, size, band_start)
-        return _forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, design)
+
+        def run(candidate):
+            return _forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, candidate)
+
+        return run(resolve_design(design, "fwd", run, x, weight_global, weight_local, cuts, fuse, terms))
 
 
 @_cut_conv3d_op.register_fake
@@ -510,7 +598,13 @@ def _cut_conv3d_backward_op(
     """The fused backward: ``(dx, d[W_g; W_l])`` (the stacked weight gradient)."""
     with nvtx_range("cut_conv3d.backward"):
         cuts = Cuts(geometry, size, band_start)
-        return _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, negative_slope, design)
+
+        def run(candidate):
+            return _backward(
+                grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, negative_slope, candidate
+            )
+
+        return run(resolve_design(design, "bwd", run, x, weight_global, weight_local, cuts, fuse, terms))
 
 
 @_cut_conv3d_backward_op.register_fake

@@ -10,7 +10,9 @@ Implementations:
 - ``"torch"``: the row-cut engine in plain PyTorch (the CPU path).
 - ``"triton"``: the fused row-cut engine (``fastgait.ops.conv_engine``, ``kernels/conv_engine.py``),
   registered with ``torch.library`` as ``fastgait::cut_conv3d`` with its backward. Two designs,
-  chosen with :func:`mla_conv3d_triton`'s ``design``; see ``docs/mla_notes.md``.
+  ``"hybrid"`` and ``"gemm"``; the default ``"auto"`` runs the faster one per shape on the GPU
+  (forward and backward chosen apart, by timing; ``FASTGAIT_CONV_DESIGN`` overrides it), and
+  :func:`mla_conv3d_triton`'s ``design`` picks one; see ``docs/mla_notes.md``.
 
 The block is the engine with ``geometry="band"`` (per-sample band starts) and ``terms="pair"``.
 """
@@ -25,13 +27,18 @@ import torch
 from .._nvtx import nvtx_range
 from ._checks import check_same_dtype, check_tensor
 from ._dispatch import host_readable, resolve_impl
-from .conv_engine import DEFAULT_DESIGN, DESIGNS, FUSES, Cuts, compute_dtype, cut_conv3d_torch, cut_conv3d_triton, cut_rows
+from .conv_engine import (  # noqa: F401 - DESIGN_CHOICES, DESIGNS, FALLBACK_DESIGN: re-exported
+    DEFAULT_DESIGN, DESIGN_CHOICES, DESIGNS, FALLBACK_DESIGN, FUSES, Cuts, compute_dtype, cut_conv3d_torch,
+    cut_conv3d_triton, cut_rows,
+)
 from .reference import mla_conv3d_reference
 
 OP = "mla_conv3d"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# DEFAULT_DESIGN: the engine's (see fastgait.ops.conv_engine).
+# DEFAULT_DESIGN ("auto"), DESIGNS (the two designs), DESIGN_CHOICES (what ``design`` accepts) and
+# FALLBACK_DESIGN (what "auto" runs where it cannot time): the engine's (fastgait.ops.conv_engine).
+# The compile gate sets this module's DEFAULT_DESIGN to capture each design's launches.
 
 
 def mla_conv3d(
@@ -57,7 +64,7 @@ def mla_conv3d(
             then local rows, ``[n, c_out, t, 2h, w]``). Ignored without a global weight.
         negative_slope: of the LeakyReLU inside each branch.
         impl: ``"auto" | "reference" | "torch" | "triton"`` (see ``fastgait.ops``); ``"triton"``
-            runs the default design (``DEFAULT_DESIGN``).
+            runs the default design (``DEFAULT_DESIGN``, ``"auto"``: the faster one per shape).
 
     Under autocast the op behaves like autocast's convolutions: ``x`` and the weights are cast
     to the autocast dtype and the output has that dtype.
@@ -90,6 +97,10 @@ def mla_conv3d_triton(
     """:func:`mla_conv3d` with ``impl="triton"`` and a choice of design (for benchmarks and tests).
 
     Args are those of :func:`mla_conv3d`, plus ``design``:
+    - ``"auto"`` (default): per shape, the faster of the two below on this GPU, the forward and
+      the backward chosen apart (each timed once per process on its first call; logged by
+      ``fastgait.ops._autotune``); ``FALLBACK_DESIGN`` off CUDA and during CUDA-graph capture.
+      ``FASTGAIT_CONV_DESIGN=hybrid|gemm`` forces one.
     - ``"hybrid"``: the vendor convolution computes ``[G, F]`` with stacked weights; a Triton
       kernel computes ``P0`` on the boundary rows straight from X and applies the epilogue.
       Backward: vendor dgrad/wgrad on the gated gradient, Triton kernels for the delta terms.

@@ -35,8 +35,9 @@ LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 GRAM_BLOCK = 16  # rows per program / channels per step: tl.dot's smallest tile
 # Register caps (``maxnreg``) from a maxnreg sweep (compiled with the compile gate's worker; docs/KERNELS.md shows the result) (sm_90a, Triton 3.6 and 3.9):
 # the kernels with IEEE fp32 dots compile without spills uncapped (a cap made ptxas spill), except
-# part_distance under 3.6 (uncapped it stopped at 128 and spilled; 160 does not); the rows kernel
-# on 16-bit tensor-core dots needs a cap of 192 (uncapped, one variant spilled 8 bytes at 128).
+# part_distance under 3.6 (uncapped it stopped at 128 and spilled; 160 does not); the single-tile
+# rows kernel on 16-bit tensor-core dots needs a cap of 192 (uncapped, one variant spilled 8 bytes
+# at 128). The column-tiled rows kernel runs uncapped (see _rows_tiled_config).
 MAXNREG_ROWS_NATIVE = 192
 MAXNREG_DISTANCE_FP32 = 160
 SINGLE_TILE_BATCH = 256  # up to here triplet_rows_kernel holds all n distance columns in one tile (512 spilled)

@@ -410,7 +410,8 @@ def test_above_the_single_tile_limit_value_and_every_gradient(seed, parts, layou
     # Fresh randn embeddings, non-contiguous: the SeparateFCs layout (a permuted [p, n, c]) or a
     # permuted [c, n, p] (channels strided: the launcher copies it); outputs poisoned: every
     # element of R, the sums and the gradient must be written.
-    counts = [40, 3, 1, 7, 5, 11, 2, 13, 6, 9, 4, 8, 12, 5, 10, 7, 3, 9, 6, 14, 2, 8, 11, 5, 9, 6, 3, 10, 4, 6] + [5, 7] * 5 + [1]
+    counts = [40, 3, 1, 7, 5, 11, 2, 13, 6, 9, 4, 8, 12, 5, 10, 7, 3, 9, 6, 14, 2, 8, 11, 5, 9, 6, 3, 10, 4, 6]
+    counts += [5, 7] * 5 + [1]
     labels = uneven_labels(counts, seed)
     n = len(labels)
     assert n == 300 > triplet_ops.SINGLE_TILE_BATCH

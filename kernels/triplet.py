@@ -4,8 +4,8 @@
 
 Design
 ------
-The loss is two launches forward and one backward; nothing of size ``[p, n, K, n - K]`` exists,
-and nothing but the launches runs on the host (no sort, no copy):
+The loss is two launches forward (three above 256 samples) and one backward; nothing of size
+``[p, n, K, n - K]`` exists, and nothing but the launches runs on the host (no sort, no copy):
 
 ``triplet_rows_kernel`` -- grid ``(cdiv(n, BLOCK_A), p)``: one program per (block of anchors, part).
     The batch is taken in label order without sorting it in memory: each program ranks the ``n``
@@ -20,6 +20,13 @@ and nothing but the launches runs on the host (no sort, no copy):
     ``dL/dD`` needs (positive pair: its active negatives; negative pair: minus its active
     positives). It writes ``R = count / D`` (``[p, n, n]`` fp32, O(p n^2), only when a gradient is
     wanted) and its block's sums (hinge, active, positive and negative distances, pair counts).
+    All ``n`` columns sit in one tile: the launcher takes it up to 256 samples (at 512 it spilled).
+``triplet_rank_kernel`` + ``triplet_rows_tiled_kernel`` -- above 256 samples, any ``n`` (up to the
+    launcher's int32 limit): the ranking once per batch (grid ``(cdiv(n, BLOCK_T),)``, the samples
+    in label order, ``order [n]`` int32), then the same outputs as ``triplet_rows_kernel`` with
+    the columns in tiles: per (block of anchors, part) the distances to its positive ranks
+    ``BLOCK_P`` at a time (one chunk for any P x K batch with K <= 16), and for each chunk every
+    ``[BLOCK_A, BLOCK_T]`` tile of columns as negatives. Registers do not grow with ``n``.
 ``triplet_finish_kernel`` -- grid ``(1,)``: the sums of every block, in a fixed order
     (deterministic): the loss (mean over parts of ``hinge_sum / (active + 1e-9)``), the info
     values, and per part the factor ``1 / (p * (active + 1e-9))`` the backward takes.
@@ -42,7 +49,8 @@ is NaN whenever a triplet it uses has a NaN distance, even when no triplet is ac
 keeps NaN (``count / NaN``), so the gradient is NaN too.
 
 Index math: one int64 base per part, int32 offsets inside it (the launchers check that a part's
-rows and channels span < 2**31 elements); no ``%`` or ``//`` in loops.
+rows and channels span < 2**31 elements, and ``n^2 < 2**31`` for ``R``); no ``%`` or ``//`` in
+loops. Counts are int32 per block (``<= 16 n^2 / 4``), summed per part in int64.
 """
 import triton
 import triton.language as tl
@@ -223,6 +231,179 @@ def triplet_rows_kernel(
 
 
 @triton.jit
+def triplet_rank_kernel(labels_ptr, order_ptr, N, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The batch in label order, for the tiled rows kernel: ``order[rank[i]] = i`` with
+    ``rank[i] = #{j: y_j < y_i} + #{j < i: y_j == y_i}`` (the stable sort by label).
+
+    Grid: ``(cdiv(N, BLOCK_T),)``: ``BLOCK_T`` samples per program, ranked against ``BLOCK_R``
+    labels per step (O(n^2) integer compares in all, once per batch, not per part). Every element
+    of ``order`` (int32 ``[N]``) is written once: the ranks are a permutation of ``0 .. N - 1``.
+    """
+    samples = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    ok = samples < N
+    label = tl.load(labels_ptr + samples, mask=ok, other=0)
+    offs_r = tl.arange(0, BLOCK_R)
+    rank = tl.zeros((BLOCK_T,), tl.int32)
+    for j0 in range(0, N, BLOCK_R):
+        js = j0 + offs_r  # [BLOCK_R]
+        j_ok = js < N
+        j_label = tl.load(labels_ptr + js, mask=j_ok, other=0)
+        before = (j_label[None, :] < label[:, None]) | (
+            (j_label[None, :] == label[:, None]) & (js[None, :] < samples[:, None])
+        )  # [BLOCK_T, BLOCK_R]
+        rank += tl.sum((before & j_ok[None, :]).to(tl.int32), axis=1)
+    tl.store(order_ptr + rank, samples, mask=ok)
+
+
+@triton.jit
+def triplet_rows_tiled_kernel(
+    emb_ptr,
+    labels_ptr,
+    order_ptr,
+    r_ptr,
+    stats_ptr,
+    counts_ptr,
+    N,
+    C,
+    P,
+    stride_en,
+    stride_ec,
+    stride_ep,
+    margin,
+    SAVE_R: tl.constexpr,
+    DOT_NATIVE: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``triplet_rows_kernel`` for batches of any size: the columns in tiles.
+
+    Grid: ``(cdiv(N, BLOCK_A), P)``; ``NB = cdiv(N, BLOCK_A)``. Same outputs as
+    ``triplet_rows_kernel`` (``r_ptr``, ``stats_ptr``, ``counts_ptr``); ``order_ptr``: int32
+    ``[N]``, the samples in label order (``triplet_rank_kernel``). The program's anchors are the
+    samples of ranks ``[BLOCK_A * i, BLOCK_A * (i + 1))``; their positives the ranks
+    ``[j_start, j_end)`` (every sample with a label between the first and the last anchor's), taken
+    ``BLOCK_P`` ranks at a time (one chunk unless a block's labels hold more than ``BLOCK_P``
+    samples). Per chunk: the ``[BLOCK_A, BLOCK_P]`` distances to those positives, then every column
+    in ``[BLOCK_A, BLOCK_T]`` tiles (sample order) as negatives, the hinge terms of each positive of
+    the chunk against the tile's negatives: the hinge sums, active counts and, per pair, the signed
+    active counts. A negative pair's count is complete after the last chunk: earlier chunks leave
+    the raw count (an integer, exact in fp32) in ``R``, the next adds to it (the same program, a
+    barrier between chunks), the last writes ``count / D``; a positive pair's after its chunk.
+    Every element of the program's ``R`` rows is written (finally) by one chunk. Distances of
+    negative pairs are summed by the first chunk, of positive pairs by theirs.
+
+    BLOCK_A >= 16 anchors, BLOCK_T >= 16 columns per tile, BLOCK_P >= 16 positives per chunk,
+    BLOCK_K >= 16 channels per Gram step. Powers of two.
+    """
+    block = tl.program_id(0)
+    part = tl.program_id(1)
+    margin = tl.cast(margin, tl.float32)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_p = tl.arange(0, BLOCK_P)
+
+    # This program's anchors: the samples of ranks rank0 + [0, BLOCK_A).
+    rank0 = block * BLOCK_A
+    ranks = rank0 + tl.arange(0, BLOCK_A)  # [BLOCK_A]
+    row_ok = ranks < N
+    anchor = tl.load(order_ptr + ranks, mask=row_ok, other=0)  # [BLOCK_A] sample index
+    anchor_label = tl.load(labels_ptr + anchor, mask=row_ok, other=0)  # [BLOCK_A]
+    first_label = tl.load(labels_ptr + tl.load(order_ptr + rank0))
+    last_label = tl.load(labels_ptr + tl.load(order_ptr + (tl.minimum(rank0 + BLOCK_A, N) - 1)))
+
+    # Their positive ranks [j_start, j_end): the samples with a label < first_label come before,
+    # those with a label <= last_label up to j_end.
+    below = tl.zeros((BLOCK_T,), tl.int32)
+    upto = tl.zeros((BLOCK_T,), tl.int32)
+    for t0 in range(0, N, BLOCK_T):
+        cols = t0 + offs_t
+        col_ok = cols < N
+        y = tl.load(labels_ptr + cols, mask=col_ok, other=0)
+        below += (col_ok & (y < first_label)).to(tl.int32)
+        upto += (col_ok & (y <= last_label)).to(tl.int32)
+    j_start = tl.sum(below, axis=0)
+    j_end = tl.sum(upto, axis=0)
+
+    part_base = emb_ptr + part.to(tl.int64) * stride_ep
+    a_offs = anchor * stride_en
+    r_part = r_ptr + part.to(tl.int64) * N * N  # int64 base, int32 offsets inside the part
+    hinge_sum = tl.zeros((BLOCK_A,), tl.float32)
+    active_count = tl.zeros((BLOCK_A,), tl.int32)
+    pos_sum = tl.zeros((BLOCK_A,), tl.float32)  # distances of positive pairs i != j
+    neg_sum = tl.zeros((BLOCK_A,), tl.float32)
+    pos_pairs = tl.zeros((BLOCK_A,), tl.int32)
+    neg_pairs = tl.zeros((BLOCK_A,), tl.int32)
+    for p0 in range(j_start, j_end, BLOCK_P):
+        p_ranks = p0 + offs_p  # [BLOCK_P]
+        p_ok = p_ranks < j_end
+        p_cols = tl.load(order_ptr + p_ranks, mask=p_ok, other=0)  # [BLOCK_P] sample index
+        p_label = tl.load(labels_ptr + p_cols, mask=p_ok, other=0)
+        p_dot, p_a_sq, p_sq = _gram_block(
+            part_base, a_offs, row_ok, stride_ec,
+            part_base, p_cols * stride_en, p_ok, stride_ec,
+            C, BLOCK_A, BLOCK_P, BLOCK_K, DOT_NATIVE,
+        )  # fmt: skip
+        p_self = anchor[:, None] == p_cols[None, :]
+        p_dist = tl.where(p_self, 0.0, _euclidean(p_dot, p_a_sq, p_sq))  # [BLOCK_A, BLOCK_P]
+        positive = row_ok[:, None] & p_ok[None, :] & (anchor_label[:, None] == p_label[None, :])
+        # [1, BLOCK_T] flags, not scalars: the interpreter mistypes ``tile & scalar_bool`` (int32).
+        p0_t = offs_t * 0 + p0
+        first_chunk = (p0_t == j_start)[None, :]
+        last_chunk = (p0_t + BLOCK_P >= j_end)[None, :]
+        p_count = tl.minimum(j_end - p0, BLOCK_P)
+        w_pos = tl.zeros((BLOCK_A, BLOCK_P), tl.float32)  # active negatives per positive pair
+        for t0 in range(0, N, BLOCK_T):
+            cols = t0 + offs_t  # [BLOCK_T] sample index
+            col_ok = cols < N
+            col_label = tl.load(labels_ptr + cols, mask=col_ok, other=0)
+            dot, a_sq, b_sq = _gram_block(
+                part_base, a_offs, row_ok, stride_ec,
+                part_base, cols * stride_en, col_ok, stride_ec,
+                C, BLOCK_A, BLOCK_T, BLOCK_K, DOT_NATIVE,
+            )  # fmt: skip
+            dist = _euclidean(dot, a_sq, b_sq)  # [BLOCK_A, BLOCK_T] (no self pair is a negative)
+            negative = row_ok[:, None] & col_ok[None, :] & (anchor_label[:, None] != col_label[None, :])
+            w_neg = tl.zeros((BLOCK_A, BLOCK_T), tl.float32)  # minus the active positives per negative pair
+            for jj in range(0, p_count):
+                slot = positive & (offs_p == jj)[None, :]  # [BLOCK_A, BLOCK_P]: at most one per row
+                has_j = tl.max(slot.to(tl.int32), axis=1) > 0  # [BLOCK_A]
+                pos_dist = tl.sum(tl.where(slot, p_dist, 0.0), axis=1)  # [BLOCK_A]: D[a, j]
+                hinge = pos_dist[:, None] - dist + margin  # [BLOCK_A, BLOCK_T]
+                valid = negative & has_j[:, None]
+                active = valid & (hinge > 0.0)
+                hinge_sum += tl.sum(tl.where(valid & ~(hinge <= 0.0), hinge, 0.0), axis=1)  # NaN terms kept
+                active_here = tl.sum(active.to(tl.int32), axis=1)  # [BLOCK_A]
+                active_count += active_here
+                w_pos += tl.where(slot, active_here[:, None].to(tl.float32), 0.0)
+                w_neg -= active.to(tl.float32)
+            if SAVE_R:
+                r_tile = r_part + (anchor[:, None] * N + cols[None, :])
+                w_neg += tl.load(r_tile, mask=negative & ~first_chunk, other=0.0)  # the earlier chunks' counts
+                ratio = tl.where(dist == 0.0, 0.0, w_neg / dist)  # NaN distances give NaN
+                tl.store(r_tile, tl.where(last_chunk, ratio, w_neg), mask=negative)
+            neg_sum += tl.sum(tl.where(negative & first_chunk, dist, 0.0), axis=1)
+            neg_pairs += tl.sum((negative & first_chunk).to(tl.int32), axis=1)
+        if SAVE_R:
+            ratio = tl.where(p_dist == 0.0, 0.0, w_pos / p_dist)
+            tl.store(r_part + (anchor[:, None] * N + p_cols[None, :]), ratio, mask=positive)
+            tl.debug_barrier()  # the next chunk reads the counts this one stored (other threads')
+        positive_other = positive & ~p_self
+        pos_sum += tl.sum(tl.where(positive_other, p_dist, 0.0), axis=1)
+        pos_pairs += tl.sum(positive_other.to(tl.int32), axis=1)
+
+    nb = tl.num_programs(0)
+    stat = stats_ptr + part * nb + block
+    tl.store(stat, tl.sum(hinge_sum, axis=0))
+    tl.store(stat + P * nb, tl.sum(pos_sum, axis=0))
+    tl.store(stat + 2 * P * nb, tl.sum(neg_sum, axis=0))
+    tl.store(counts_ptr + part * nb + block, tl.sum(active_count, axis=0))
+    if part == 0:
+        tl.store(counts_ptr + P * nb + block, tl.sum(pos_pairs, axis=0))
+        tl.store(counts_ptr + (P + 1) * nb + block, tl.sum(neg_pairs, axis=0))
+
+
+@triton.jit
 def triplet_finish_kernel(
     stats_ptr,
     counts_ptr,
@@ -263,7 +444,8 @@ def triplet_finish_kernel(
         hinge = tl.sum(tl.load(stats_ptr + tile, mask=mask, other=0.0), axis=1)  # [BLOCK_P]
         pos = tl.sum(tl.load(stats_ptr + P * NB + tile, mask=mask, other=0.0), axis=1)
         neg = tl.sum(tl.load(stats_ptr + 2 * P * NB + tile, mask=mask, other=0.0), axis=1)
-        active = tl.sum(tl.load(counts_ptr + tile, mask=mask, other=0), axis=1).to(tl.float32)
+        counts = tl.load(counts_ptr + tile, mask=mask, other=0).to(tl.int64)  # n^3 / 4 may pass 2**31
+        active = tl.sum(counts, axis=1).to(tl.float32)
         inv_active = tl.where(active > 0.0, 1.0 / (active + 1e-9), 0.0)  # [BLOCK_P]
         part_loss = tl.where(active > 0.0, hinge * inv_active, hinge)  # hinge is 0 or NaN without actives
         tl.store(part_scale_ptr + parts, inv_active / P, mask=p_ok)

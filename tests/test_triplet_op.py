@@ -11,6 +11,7 @@ training margin, where those self-pairs are never active.
 import pytest
 import torch
 
+import fastgait.ops.triplet as triplet_ops
 from fastgait.ops import part_distance, triplet_loss
 from fastgait.ops.reference import part_distance_reference, triplet_loss_reference
 from fastgait.ops.triplet import part_distance_fwd, triplet_loss_bwd, triplet_loss_fwd
@@ -193,7 +194,7 @@ def test_auto_uses_the_reference_on_cpu():
         (torch.randn(4, 8, 2), torch.arange(4), -0.1, "triplet_loss: margin must be a finite number >= 0"),
         (torch.randn(4, 8, 2), torch.arange(4), float("nan"), "triplet_loss: margin must be a finite number >= 0"),
         (torch.randn(4, 8, 2), torch.arange(4), float("inf"), "triplet_loss: margin must be a finite number >= 0"),
-        (torch.randn(300, 8, 2), torch.arange(300), 0.2, "at most 256 samples"),
+        (torch.randn(16385, 2, 1), torch.arange(16385), 0.2, "at most 16384 samples"),
         (torch.randn(0, 8, 2), torch.arange(0), 0.2, "empty"),
         (torch.ones(4, 8, 2, dtype=torch.int64), torch.arange(4), 0.2, "dtype"),
     ],
@@ -264,7 +265,7 @@ def fp32_matmul():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("identities, per_identity", [(8, 16), (32, 8)])
+@pytest.mark.parametrize("identities, per_identity", [(8, 16), (32, 8), (32, 16)])
 def test_bf16_at_training_shape_on_gpu(identities, per_identity, fp32_matmul):
     n = identities * per_identity
     embeddings = grid_embeddings(n, 128, 64, 0, dtype=torch.bfloat16, device="cuda")  # exact in bf16
@@ -388,3 +389,157 @@ def test_part_distance_propagates_nan_and_inf(metric):
     assert torch.isnan(got[2]).all() and not torch.isfinite(got[:, 3]).any()
     finite = torch.isfinite(want)
     assert_close(got[finite], want[finite], name=metric)
+
+
+# ----------------------------------------------------------------------------------------
+# Batches above SINGLE_TILE_BATCH (256): the ranking launch and the column-tiled rows kernel
+# ----------------------------------------------------------------------------------------
+
+
+def uneven_labels(counts, seed):
+    """Shuffled labels with the given group sizes (labels not 0..P-1)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.repeat_interleave(torch.arange(len(counts)) * 5 + 2, torch.tensor(counts))
+    return labels[torch.randperm(len(labels), generator=gen)]
+
+
+@pytest.mark.parametrize("seed, parts, layout", [(0, 2, "pnc"), (1, 1, "cnp")])
+def test_above_the_single_tile_limit_value_and_every_gradient(seed, parts, layout):
+    # 300 samples > SINGLE_TILE_BATCH: 19 anchor blocks (a partial one), 3 column tiles (a partial
+    # one); 41 groups of 1 to 40 samples (a block inside the 40 takes two chunks of positives).
+    # Fresh randn embeddings, non-contiguous: the SeparateFCs layout (a permuted [p, n, c]) or a
+    # permuted [c, n, p] (channels strided: the launcher copies it); outputs poisoned: every
+    # element of R, the sums and the gradient must be written.
+    counts = [40, 3, 1, 7, 5, 11, 2, 13, 6, 9, 4, 8, 12, 5, 10, 7, 3, 9, 6, 14, 2, 8, 11, 5, 9, 6, 3, 10, 4, 6]
+    counts += [5, 7] * 5 + [1]
+    labels = uneven_labels(counts, seed)
+    n = len(labels)
+    assert n == 300 > triplet_ops.SINGLE_TILE_BATCH
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "pnc":
+        embeddings = torch.randn(parts, n, 8, generator=gen).permute(1, 2, 0)
+    else:
+        embeddings = torch.randn(8, n, parts, generator=gen).permute(1, 0, 2)
+    assert not embeddings.is_contiguous()
+    with poisoned_outputs():
+        check_against_reference(embeddings, labels, 0.2)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [torch.arange(257) * 3, torch.arange(257) // 2],
+    ids=["all_distinct", "pairs_and_one"],
+)
+def test_above_the_single_tile_limit_odd_n_edge_labels(labels):
+    # Odd n = 257: one anchor in the last block, one column in the last tile; all labels distinct
+    # (only the anchor itself is a positive), or pairs and one single sample. (A single label at
+    # odd n with several chunks of positives: test_tiled_label_edge_cases.)
+    embeddings = grid_embeddings(257, 4, 1, 22, layout="ncp")
+    check_against_reference(embeddings, labels, 0.5)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """The column-tiled kernel at any n, with 16-wide tiles and chunks: several column tiles and
+    several chunks of positives at sizes the interpreter runs fast."""
+    monkeypatch.setattr(triplet_ops, "SINGLE_TILE_BATCH", 0)
+    monkeypatch.setattr(
+        triplet_ops, "_rows_tiled_config", lambda n, c: dict(BLOCK_A=16, BLOCK_T=16, BLOCK_P=16, BLOCK_K=16)
+    )
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        torch.zeros(9, dtype=torch.long),
+        torch.arange(9),
+        torch.tensor([4, 1, 4, 0, 2, 3, 2, 1, 0]),
+        torch.tensor([0]),
+        torch.tensor([1, 0]),
+        torch.tensor([3, 3, 3]),
+        torch.full((33,), 7),
+        torch.arange(33).flip(0),
+    ],
+    ids=["all_same", "all_different_k1", "k2_unsorted", "one_sample", "two_identities", "one_identity",
+         "odd_n_one_label_3_chunks", "odd_n_all_different"],
+)
+def test_tiled_label_edge_cases(small_tiles, labels):
+    n = len(labels)
+    with poisoned_outputs():
+        loss, info, grad = check_against_reference(grid_embeddings(n, 16, 2, 3, layout="ncp"), labels, 0.2)
+    if len(labels.unique()) == 1:
+        assert loss.item() == 0.0 and info["active_triplets"].item() == 0.0 and (grad == 0).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tiled_uneven_groups_several_tiles_and_chunks(small_tiles, seed):
+    # 53 samples: 4 anchor blocks and 4 column tiles (partial last ones); with 3 labels a block's
+    # positives span up to ~40 ranks: 2 or 3 chunks of 16 (the counts carried in R between them).
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3 if seed else 8, (53,), generator=gen, dtype=torch.int32)
+    with poisoned_outputs():
+        check_against_reference(grid_embeddings(53, 20, 2, seed), labels, 0.5)
+
+
+def test_tiled_margins_every_triplet_active_and_none(small_tiles):
+    labels = shuffled_pk(4, 5, 4)
+    _, info, _ = check_against_reference(grid_embeddings(20, 16, 2, 4), labels, 1000.0)
+    assert info["active_triplets"].item() == 20 * 5 * 15
+    check_against_reference(grid_embeddings(20, 16, 2, 5), labels, 0.0)
+
+
+def test_tiled_duplicates_and_identical_embeddings(small_tiles):
+    embeddings = grid_embeddings(20, 16, 2, 8, layout="ncp")
+    embeddings[10:] = embeddings[:10]  # pairs at distance 0 off the diagonal
+    labels = torch.tensor([0, 1, 2, 0, 1, 0, 1, 2, 2, 1] * 2)
+    check_against_reference(embeddings, labels, 3.0)
+    same = grid_embeddings(1, 16, 2, 7, layout="ncp").expand(18, 16, 2).contiguous()
+    check_against_reference(same, torch.arange(18) % 4, 0.2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_tiled_nonfinite_embedding_gives_a_nan_loss(small_tiles, bad):
+    embeddings = grid_embeddings(40, 8, 2, 19)
+    embeddings[25, 3, 1] = bad
+    labels = shuffled_pk(4, 10, 19)
+    loss, info, grad = nan_results(triton_triplet, embeddings, labels, 0.2)
+    assert torch.isnan(loss) and torch.isnan(info["loss"])
+    assert not torch.isfinite(grad).all()
+
+
+def test_tiled_nan_distance_with_no_active_triplet_is_nan(small_tiles):
+    labels = torch.arange(6).repeat_interleave(4)
+    centres = torch.arange(6.0).view(6, 1, 1).repeat_interleave(4, dim=0) * 8
+    embeddings = centres + (grid_embeddings(24, 8, 2, 6, layout="ncp") * 2).round() / 8
+    clean, _ = triplet_loss(embeddings, labels, 0.0, impl="triton")
+    assert clean.item() == 0.0
+    embeddings[17, 0, 0] = float("nan")
+    loss, info = triplet_loss(embeddings, labels, 0.0, impl="triton")
+    assert torch.isnan(loss) and info["active_triplets"].item() == 0.0
+
+
+def test_tiled_no_grad_forward(small_tiles):
+    embeddings, labels = grid_embeddings(40, 16, 2, 18), shuffled_pk(5, 8, 18)
+    with poisoned_outputs(), torch.no_grad():
+        loss, info = triplet_loss(embeddings.requires_grad_(), labels, 0.2, impl="triton")
+    ref_loss, ref_info = triplet_loss_reference(embeddings.detach(), labels, 0.2)
+    assert_close(loss, ref_loss, name="loss")
+    for key in INFO_KEYS:
+        assert_close(info[key], ref_info[key], name=key)
+
+
+def test_tiled_opcheck(small_tiles):
+    embeddings = grid_embeddings(20, 16, 2, 10).requires_grad_()
+    labels = shuffled_pk(5, 4, 10)
+    torch.library.opcheck(triplet_loss_fwd, (embeddings, labels, 0.2, True))
+    torch.library.opcheck(triplet_loss_fwd, (embeddings.detach(), labels, 0.2, False))
+
+
+def test_tiled_matches_single_tile(small_tiles, monkeypatch):
+    # The two rows kernels on the same batch: same loss, info and R (up to summation order).
+    embeddings, labels = grid_embeddings(37, 16, 3, 23), shuffled_pk(5, 8, 23)[:37]
+    tiled = triplet_loss_fwd(embeddings, labels, 0.3, True)
+    monkeypatch.setattr(triplet_ops, "SINGLE_TILE_BATCH", 256)
+    single = triplet_loss_fwd(embeddings, labels, 0.3, True)
+    for got, want, name in zip(tiled, single, ("loss", "info", "ratio", "part_scale")):
+        assert_close(got, want, name=name)

@@ -8,6 +8,9 @@ Implementations:
   part) the distance rows and the hinge terms, accumulating hinge sums, active counts and the
   per-pair counts ``dL/dD`` needs (the batch is ranked by label inside the kernel: no sort, no
   copy on the host), then one small single-program reduction to the loss and the info values.
+  Up to ``SINGLE_TILE_BATCH`` (256) samples the rows kernel holds a part's ``n`` distance
+  columns in one tile; above, a ranking launch (once per batch) and a rows kernel that takes the
+  columns in tiles (any ``n`` up to ``MAX_TRITON_BATCH``: the OU-MVLP recipe's 32 x 16 = 512).
   Backward = one launch through the saved ``R = counts / D`` (``[p, n, n]`` fp32, O(p n^2),
   saved only when a gradient is wanted).
   ``part_distance`` runs the same distance code with one accumulator over parts.
@@ -32,11 +35,15 @@ LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 GRAM_BLOCK = 16  # rows per program / channels per step: tl.dot's smallest tile
 # Register caps (``maxnreg``) from a maxnreg sweep (compiled with the compile gate's worker; docs/KERNELS.md shows the result) (sm_90a, Triton 3.6 and 3.9):
 # the kernels with IEEE fp32 dots compile without spills uncapped (a cap made ptxas spill), except
-# part_distance under 3.6 (uncapped it stopped at 128 and spilled; 160 does not); the rows kernel
-# on 16-bit tensor-core dots needs a cap of 192 (uncapped, one variant spilled 8 bytes at 128).
+# part_distance under 3.6 (uncapped it stopped at 128 and spilled; 160 does not); the single-tile
+# rows kernel on 16-bit tensor-core dots needs a cap of 192 (uncapped, one variant spilled 8 bytes
+# at 128). The column-tiled rows kernel runs uncapped (see _rows_tiled_config).
 MAXNREG_ROWS_NATIVE = 192
 MAXNREG_DISTANCE_FP32 = 160
-MAX_TRITON_BATCH = 256  # the rows kernel holds all n distance columns of a part in one tile (512: spills)
+SINGLE_TILE_BATCH = 256  # up to here triplet_rows_kernel holds all n distance columns in one tile (512 spilled)
+# Above it: triplet_rank_kernel + triplet_rows_tiled_kernel (the columns in tiles, any n). The limit
+# left: R's in-part offsets (n^2) and a block's active count (<= 16 n^2 / 4) are int32.
+MAX_TRITON_BATCH = 16384
 
 
 def triplet_loss(
@@ -50,8 +57,8 @@ def triplet_loss(
     The loss is NaN when a distance that some triplet uses is NaN (a NaN or inf embedding), in
     every path, so a broken model cannot hide behind "no active triplet".
     The Triton path accepts any float dtype and strides, computes in fp32 and returns an fp32 loss;
-    it takes batches of up to ``MAX_TRITON_BATCH`` samples (``impl="auto"`` falls back to the
-    reference above that).
+    it takes batches of up to ``MAX_TRITON_BATCH`` (16384) samples, where its int32 counts and
+    offsets end (``impl="auto"`` falls back to the reference above that).
     """
     op = "triplet_loss"
     check_tensor(embeddings, "embeddings", op=op, ndim=(3,))
@@ -64,8 +71,9 @@ def triplet_loss(
     if path == "triton" and embeddings.shape[0] > MAX_TRITON_BATCH:
         if impl == "triton":
             raise ValueError(
-                f"{op}: impl='triton' takes at most {MAX_TRITON_BATCH} samples per batch (all distance "
-                f"columns of a part sit in one tile), got {embeddings.shape[0]}; use impl='reference'"
+                f"{op}: impl='triton' takes at most {MAX_TRITON_BATCH} samples per batch (MAX_TRITON_BATCH: "
+                f"its per-part offsets and counts are int32), got {embeddings.shape[0]}; split the batch "
+                f"or use impl='reference'"
             )
         path = "reference"
     if path == "reference":
@@ -125,12 +133,24 @@ def _dot_native(t: torch.Tensor) -> bool:
 
 
 def _rows_config(n: int, c: int) -> dict:
-    """Tiles of ``triplet_rows_kernel``: all ``n`` columns in one tile (<= MAX_TRITON_BATCH), 16
+    """Tiles of ``triplet_rows_kernel``: all ``n`` columns in one tile (<= SINGLE_TILE_BATCH), 16
     anchors (tl.dot's smallest tile), channels per Gram step sized so the ``[BLOCK_N, BLOCK_K]``
     operand stays near 4096 elements; checked for no spills on sm_90a by the compile gate."""
     block_n = max(GRAM_BLOCK, _pow2(n))
     block_k = max(GRAM_BLOCK, min(_pow2(c), 4096 // block_n))
     return dict(BLOCK_A=GRAM_BLOCK, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=16, num_warps=4 if block_n <= 128 else 8)
+
+
+def _rows_tiled_config(n: int, c: int) -> dict:
+    """Tiles of ``triplet_rows_tiled_kernel`` (n > SINGLE_TILE_BATCH): 16 anchors, 128 columns per
+    tile, 32 positive ranks per chunk (one chunk whenever a block's labels hold <= 32 samples: any
+    P x K batch with K <= 16), 16 channels per Gram step, 8 warps, loads not pipelined
+    (``num_stages=1``). A sweep on sm_90a (ptxas -v, Triton 3.9 and 3.6, n = 512, fp32): with
+    4 warps every variant tried (64 or 128 columns, 16 or 32 channels, 1 to 3 stages) spilled or
+    took 226-255 registers; 8 warps with 32 channels or 2-3 stages reached 255 registers or
+    spilled under one of the two; this config takes 198-232 registers, no spills (also at
+    n = 300, 1000, 4099 and in bf16). Checked by the compile gate."""
+    return dict(BLOCK_A=GRAM_BLOCK, BLOCK_T=128, BLOCK_P=32, BLOCK_K=GRAM_BLOCK, num_warps=8, num_stages=1)
 
 
 def _check_part_extent(op: str, **tensors: torch.Tensor) -> None:
@@ -170,31 +190,52 @@ def triplet_loss_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward: ``(loss, info [active_triplets, mean_pos_dist, mean_neg_dist], ratio [p, n, n],
     part_scale [p])``. ``ratio`` (the active counts over the distances, sample order) is what the
-    backward needs; it is empty without ``need_grad``. Two launches, nothing else on the host."""
+    backward needs; it is empty without ``need_grad``. Two launches (three above
+    ``SINGLE_TILE_BATCH`` samples: the ranking by label first), nothing else on the host."""
     import triton
 
-    from fastgait.kernels.triplet import triplet_finish_kernel, triplet_rows_kernel
+    from fastgait.kernels.triplet import (
+        triplet_finish_kernel,
+        triplet_rank_kernel,
+        triplet_rows_kernel,
+        triplet_rows_tiled_kernel,
+    )
 
+    n = embeddings.shape[0]
+    if n > MAX_TRITON_BATCH:
+        raise ValueError(f"triplet_loss: the Triton kernels take at most MAX_TRITON_BATCH = {MAX_TRITON_BATCH} "
+                         f"samples (int32 offsets and counts), got {n}; split the batch or use impl='reference'")
     with nvtx_range("triplet_loss.forward"):
         loss, info, ratio, part_scale = _triplet_outputs(embeddings, need_grad)
         embeddings = _channels_contiguous(embeddings)
         _check_part_extent("triplet_loss", embeddings=embeddings)
         n, c, parts = embeddings.shape
-        config = _rows_config(n, c)
         native = _dot_native(embeddings)
-        if native:
+        tiled = n > SINGLE_TILE_BATCH
+        config = _rows_tiled_config(n, c) if tiled else _rows_config(n, c)
+        if native and not tiled:
             config["maxnreg"] = MAXNREG_ROWS_NATIVE
         blocks = triton.cdiv(n, config["BLOCK_A"])
         stats = _alloc.empty(3, parts, blocks, dtype=torch.float32, device=embeddings.device)
         counts = _alloc.empty(parts + 2, blocks, dtype=torch.int32, device=embeddings.device)
-        triplet_rows_kernel[(blocks, parts)](
-            embeddings, labels, ratio if need_grad else stats, stats, counts,
-            n, c, parts, *embeddings.stride(), margin,
-            SAVE_R=need_grad, DOT_NATIVE=native, **config,
-        )  # fmt: skip
+        if tiled:
+            order = _alloc.empty(n, dtype=torch.int32, device=embeddings.device)
+            triplet_rank_kernel[(triton.cdiv(n, 128),)](labels, order, n, BLOCK_T=128, BLOCK_R=32)
+            triplet_rows_tiled_kernel[(blocks, parts)](
+                embeddings, labels, order, ratio if need_grad else stats, stats, counts,
+                n, c, parts, *embeddings.stride(), margin,
+                SAVE_R=need_grad, DOT_NATIVE=native, **config,
+            )  # fmt: skip
+        else:
+            triplet_rows_kernel[(blocks, parts)](
+                embeddings, labels, ratio if need_grad else stats, stats, counts,
+                n, c, parts, *embeddings.stride(), margin,
+                SAVE_R=need_grad, DOT_NATIVE=native, **config,
+            )  # fmt: skip
+        block_b = max(_pow2(blocks), 2)
         triplet_finish_kernel[(1,)](
             stats, counts, loss, info, part_scale, parts, blocks,
-            BLOCK_P=min(_pow2(parts), 64), BLOCK_B=max(_pow2(blocks), 2),
+            BLOCK_P=max(1, min(_pow2(parts), 64, 4096 // block_b)), BLOCK_B=block_b,
         )  # fmt: skip
     return loss, info, ratio, part_scale
 

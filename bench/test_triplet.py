@@ -51,6 +51,8 @@ PAPER = [
     TripletConfig("casia-b 8x16 c128 p64", 8, 16, 128, 64),
     TripletConfig("32x8 c128 p64", 32, 8, 128, 64),
     TripletConfig("oumvlp 32x8 c256 p64", 32, 8, 256, 64),
+    # gaitmask_oumvlp's batch: 512 samples, the tiled Triton path (over SINGLE_TILE_BATCH)
+    TripletConfig("oumvlp GaitMask 32x16 c256 p64", 32, 16, 256, 64, priority=h.PRIORITY["oumvlp"]),
 ]
 SMOKE = [TripletConfig("tiny 3x2 c8 p4", 3, 2, 8, 4)]
 

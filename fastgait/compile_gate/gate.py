@@ -67,9 +67,22 @@ def _distinct_recipes() -> list[str]:
     return out
 
 
+def _uses_engine(recipe: str) -> bool:
+    """Whether the recipe's model has blocks that run the row-cut engine (MLA, GL), whose
+    designs get scenarios of their own."""
+    from fastgait.config import load_config
+    from fastgait.models import build_model
+    from fastgait.nn import MLA, GLConv
+
+    from .capture import _model_config
+
+    model = build_model(_model_config(load_config(recipe)))
+    return any(isinstance(module, (MLA, GLConv)) for module in model.modules())
+
+
 def scenarios() -> list[Scenario]:
     """Every recipe in bf16/fp16/fp32 training and bf16/fp32 evaluation in the trainer's layout,
-    contiguous inputs, each MLA design, and each ReverseMaskNet block."""
+    contiguous inputs, each design of the row-cut engine, and each ReverseMaskNet block."""
     from fastgait.config import load_config
     from fastgait.models.reverse_mask import BLOCK_TYPES
     from fastgait.ops.mla import DESIGNS, FALLBACK_DESIGN
@@ -80,15 +93,15 @@ def scenarios() -> list[Scenario]:
         out += [Scenario(recipe, dtype, "eval") for dtype in ("bf16", "fp32")]
         out += [Scenario(recipe, "bf16", "train", channels_last=False), Scenario(recipe, "fp32", "eval", channels_last=False)]
         model = load_config(recipe)["model"]["name"]
-        if model == "GaitMask":
+        if _uses_engine(recipe):
             # The default design, "auto", runs FALLBACK_DESIGN on fake tensors (it cannot time
-            # there): the other designs get their own scenarios, so both designs' launches are
-            # captured (on a GPU "auto" may run either).
+            # there): the other designs get their own scenarios, so that every launch "auto" may
+            # make on a GPU is captured (the MLA and GL blocks alike).
             for design in DESIGNS:
                 if design != FALLBACK_DESIGN:
-                    out += [Scenario(recipe, dtype, "train", mla_design=design) for dtype in DTYPES]
-                    out += [Scenario(recipe, "bf16", "eval", mla_design=design),
-                            Scenario(recipe, "bf16", "train", channels_last=False, mla_design=design)]
+                    out += [Scenario(recipe, dtype, "train", design=design) for dtype in DTYPES]
+                    out += [Scenario(recipe, "bf16", "eval", design=design),
+                            Scenario(recipe, "bf16", "train", channels_last=False, design=design)]
         if model == "ReverseMaskNet":
             default_block = load_config(recipe)["model"].get("block")
             out += [Scenario(recipe, "bf16", "train", overrides=(("model.block", block),))

@@ -134,7 +134,7 @@ def _source_digest(kernels: Path) -> str:
 
 def compile_launches(found: list[Launch], capability: int, triton_dir: Optional[Path] = None,
                      workers: Optional[int] = None, kernels: Optional[Path] = None,
-                     use_cache: bool = True) -> dict[str, dict]:
+                     use_cache: bool = True, always_compile: bool = True) -> dict[str, dict]:
     """``{launch key: result}`` for every launch, compiled in ``workers`` processes.
 
     Results are cached by (kernel sources, launch, Triton folder, capability) under
@@ -150,7 +150,7 @@ def compile_launches(found: list[Launch], capability: int, triton_dir: Optional[
         except (OSError, ValueError):
             cached = {}
     todo = [launch for launch in found if launch.key not in cached]
-    fresh = _compile(todo, capability, triton_dir, workers, kernels) if todo else {}
+    fresh = _compile(todo, capability, triton_dir, workers, kernels, always_compile) if todo else {}
     if use_cache and fresh:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
@@ -160,10 +160,13 @@ def compile_launches(found: list[Launch], capability: int, triton_dir: Optional[
 
 
 def _compile(found: list[Launch], capability: int, triton_dir: Optional[Path], workers: Optional[int],
-             kernels: Path) -> dict[str, dict]:
+             kernels: Path, always_compile: bool = True) -> dict[str, dict]:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    env["TRITON_ALWAYS_COMPILE"] = "1"  # no cache hits: ptxas must run to report registers
+    if always_compile:
+        env["TRITON_ALWAYS_COMPILE"] = "1"  # no cache hits: ptxas must run to report registers
+    else:
+        env.pop("TRITON_ALWAYS_COMPILE", None)
     env.pop("PYTHONPATH", None)
     if triton_dir is not None:
         env["PYTHONPATH"] = str(triton_dir)
@@ -212,3 +215,21 @@ def check(found: list[Launch], results: dict[str, dict], version: str, capabilit
             errors.append(f"{where} spills ({result['spill_stores']} B stored, {result['spill_loads']} B loaded, "
                           f"{result['registers']} registers) in the trainer's layout, scenario '{launch.scenarios[0]}'")
     return errors
+
+
+def warm(capability: int, workers: Optional[int] = None) -> tuple[int, int]:
+    """Compile every launch of the trainer's layout (all dtypes, train and eval) for
+    ``capability`` with the installed Triton, in ``workers`` processes, into Triton's own cache
+    (``~/.triton/cache`` or ``$TRITON_CACHE_DIR``).
+
+    The worker compiles a launch exactly as ``kernel[grid](...)`` would (Triton's binder and
+    ``_pack_args``, the same ``triton.compile`` call), so the cache entries are the ones the
+    kernels look up at run time: on a GPU machine, tests and benchmarks that run afterwards (or
+    meanwhile) load them instead of compiling one kernel at a time. Launches at other shapes
+    (the tests' small batches) may specialise differently and still compile when they run.
+    Returns ``(launches, failures)``.
+    """
+    selected = [s for s in scenarios() if s.channels_last]
+    found, _ = launches(selected)
+    results = compile_launches(found, capability, None, workers, use_cache=False, always_compile=False)
+    return len(found), sum(not r.get("ok") for r in results.values())

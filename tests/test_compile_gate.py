@@ -178,7 +178,7 @@ def test_warm_fills_the_cache_entries_the_runtime_looks_up(captured, tmp_path, v
 
     folder = _folder(version)
     found, _ = captured
-    launch = next(launch for launch in found if launch.kernel == "cut_conv_forward_gemm_kernel")
+    launch = next(launch for launch in found if launch.kernel == "gem_rows_fwd_kernel")  # quick to compile
     cache = tmp_path / "triton-cache"
     cache.mkdir()
     env = dict(os.environ, TRITON_CACHE_DIR=str(cache), FASTGAIT_WORKER_DIR=str(Path(gate.__file__).parent))

@@ -258,7 +258,9 @@ def launch_configs(
 
     flat = 128  # positions per program of the per-sample kernels
     row = block(row_len, 128, 128, low=64 if gpu else 16)  # positions (t, w) per program of the per-row kernels
-    gemm_n = 64 if channels_last else 32  # with a global weight the dot is 2 * 64 columns wide
+    # With a global weight the forward's dot is 2 * BLOCK_N columns wide: 128 where the K loop is aligned
+    # (k_tiling); the flat K loop's per-element masks (ragged c_in) spilled at 128 in fp32 (the compile gate).
+    gemm_n = 64 if channels_last and c_in % 16 == 0 else 32
 
     def ragged(c: int) -> bool:  # OU-MVLP's 196 channels: tiles mask a tail (they spilled at 64)
         return c % 32 != 0

@@ -6,7 +6,8 @@
 #
 # 1. installs fastgait (editable, no dependencies; PYTHONPATH=. if that fails);
 # 2. prints nvidia-smi and the versions;
-# 3. runs the GPU test suite: python3 -m pytest tests -m gpu (bf16 parity at real shapes);
+# 3. runs the GPU test suite: python3 -m pytest tests -m gpu (bf16 parity at real shapes), while
+#    python3 -m fastgait.compile_gate --warm compiles the kernels into Triton's cache beside it;
 # 4. runs pytest bench --benchmark: bench/results/<date>-<gpu>.json, rewritten after every row;
 # 5. regenerates docs/PERFORMANCE.md and docs/performance/*.png from every results file;
 # 6. copies the results, the page, the plots and the logs to $OUT when it is set (at most 8 files);
@@ -64,6 +65,14 @@ else:
 EOF
 } 2>&1 | tee -a "$LOGS/machine.log"
 
+section "warm-up: python3 -m fastgait.compile_gate --warm (in the background)"
+# Compiles the trainer-layout kernel launches for this GPU, in parallel on the CPU cores, into
+# Triton's cache while the GPU tests run: the tests and benchmarks then load most kernels
+# instead of compiling them one at a time. Stopped before the benchmarks (it would compete
+# for the CPU with their launches).
+"$PY" -m fastgait.compile_gate --warm >"$LOGS/warm.log" 2>&1 &
+WARM_PID=$!
+
 section "GPU tests: python3 -m pytest tests -m gpu"
 if [ "$TESTS_BUDGET" -gt 0 ]; then
     timeout -s INT -k 15 "$TESTS_BUDGET" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$LOGS/gpu-tests.log"
@@ -72,6 +81,14 @@ else
     echo "skipped (FASTGAIT_GPU_TESTS_S=0)" | tee "$LOGS/gpu-tests.log"
     TESTS_STATUS=0
 fi
+
+if kill -0 "$WARM_PID" 2>/dev/null; then
+    echo "warm-up still running: stopped (what it compiled stays in the cache)"
+    kill -- "$WARM_PID" 2>/dev/null
+    pkill -f "compile_gate/worker.py" 2>/dev/null
+fi
+wait "$WARM_PID" 2>/dev/null
+tail -n 3 "$LOGS/warm.log" | tee -a "$LOGS/machine.log"
 
 section "benchmarks: pytest bench --benchmark"
 export FASTGAIT_BENCH_DEADLINE=$((START + BUDGET - REPORT_RESERVE))

@@ -341,6 +341,7 @@ def cut_conv_forward_gemm_kernel(
     x_ptr,
     w_ptr,
     band_ptr,
+    p_ptr,
     y_ptr,
     gate_ptr,
     T,
@@ -353,6 +354,11 @@ def cut_conv_forward_gemm_kernel(
     stride_xt,
     stride_xh,
     stride_xw,
+    stride_0n,
+    stride_0s,
+    stride_0t,
+    stride_0w,
+    stride_0c,
     stride_yn,
     stride_yc,
     stride_yt,
@@ -375,22 +381,22 @@ def cut_conv_forward_gemm_kernel(
     BLOCK_K: tl.constexpr,
     C_BLOCKS: tl.constexpr,
 ):
-    """Y and the gates of the block in one pass over X.
+    """Y and the gates of the block in one pass over X, ``P`` read from the cut-row slots.
 
     Grid: ``(cdiv(T*H*W, BLOCK_M), cdiv(C_out, BLOCK_N), n)``; a program owns ``BLOCK_M`` output
     positions of one sample and ``BLOCK_N`` output channels of both branches. With a global
     weight the pack's columns interleave the branches (column ``2*o + b``: ``b = 0`` global,
     ``1`` local), so one ``tl.dot`` ``2*BLOCK_N`` wide computes ``G`` and ``F`` from each loaded
-    X tile, and the epilogue splits the pairs.
+    X tile, and the epilogue splits the pairs. One fp32 accumulator: ``P`` (the kernel rows that
+    read across a cut, on the cut rows only) comes from ``cut_rows_p_kernel``, launched first,
+    as in the hybrid design (keeping ``P`` here took two more accumulators: registers that
+    capped the tile at 64 columns).
 
     x_ptr ``[n, C_in, T, H, W]`` (strides ``stride_x*``); w_ptr: forward pack ``[3, 3, 3, C_in,
     n_cols]``, ``n_cols = 2*C_out`` (interleaved ``[W_g; W_l]``) or ``C_out``; band_ptr ``[n]``
-    band starts (``GEOM_BAND``); y_ptr ``[n, C_out, T, H or 2H, W]``; gate_ptr ``[n, 2*C_out or
+    band starts (``GEOM_BAND``); p_ptr ``[n, SLOTS, T, W, C_out]`` fp32 ``P`` rows (live slots
+    read; strides ``stride_0*``); y_ptr ``[n, C_out, T, H or 2H, W]``; gate_ptr ``[n, 2*C_out or
     C_out, T, H, W]`` uint8 (global channels first). size: band rows or strip rows.
-
-    ``P`` needs no second pass: the segment is constant along a kernel row, so kernel row
-    ``kh``'s partial sum goes to ``F`` always and to ``P`` where input row ``h + kh - 1`` is
-    across: three masked tile adds per tile.
     """
     slope = tl.cast(negative_slope, tl.float32)
     n, t, h, w, m_ok, offs_c, c_ok = _sample_tile(T, H, W, C_out, BLOCK_M, BLOCK_N)
@@ -404,35 +410,27 @@ def cut_conv_forward_gemm_kernel(
         cols = offs_c
         full = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     col_ok = cols < n_cols
-    cut_part = full
-    start = _geometry_start(band_ptr, n, GEOM)
     for kh in tl.static_range(3):
         row = h + (kh - 1)
         row_ok = m_ok & (row >= 0) & (row < H)
         pos = t * stride_xt + row * stride_xh + w * stride_xw
-        w_row = w_ptr + kh * 9 * C_in * n_cols
-        if HAS_CUTS:
-            tap = _accumulate_row_taps(
-                tl.zeros_like(full), x_base, w_row, pos, t, w, row_ok, 511, cols, col_ok,
-                T, W, C_in, n_cols, stride_xc, stride_xt, stride_xw, BLOCK_K, C_BLOCKS,
-            )  # fmt: skip
-            full += tap
-            cut_part += tl.where(_across(h, row, start, size, H, GEOM)[:, None], tap, 0.0)
-        else:
-            full = _accumulate_row_taps(
-                full, x_base, w_row, pos, t, w, row_ok, 511, cols, col_ok,
-                T, W, C_in, n_cols, stride_xc, stride_xt, stride_xw, BLOCK_K, C_BLOCKS,
-            )  # fmt: skip
+        full = _accumulate_row_taps(
+            full, x_base, w_ptr + kh * 9 * C_in * n_cols, pos, t, w, row_ok, 511, cols, col_ok,
+            T, W, C_in, n_cols, stride_xc, stride_xt, stride_xw, BLOCK_K, C_BLOCKS,
+        )  # fmt: skip
 
     glob = full
     if HAS_GLOBAL:  # de-interleave the (global, local) column pairs
         glob, full = tl.split(tl.reshape(full, (BLOCK_M, BLOCK_N, 2)))
-        if HAS_CUTS:
-            _, cut_part = tl.split(tl.reshape(cut_part, (BLOCK_M, BLOCK_N, 2)))
     mask = m_ok[:, None] & c_ok[None, :]
     cut = mask
+    cut_part = full
     if HAS_CUTS:
-        cut = _is_cut_row(h, start, size, H, GEOM)[:, None] & mask
+        start = _geometry_start(band_ptr, n, GEOM)
+        cut, p_offs = _cut_slots(
+            t, h, w, offs_c, mask, start, size, H, stride_0s, stride_0t, stride_0w, stride_0c, GEOM
+        )
+        cut_part = tl.load(p_ptr + n.to(tl.int64) * stride_0n + p_offs, mask=cut, other=0.0).to(tl.float32)
     _epilogue(
         glob, full, cut_part, cut, t, h, w, mask, offs_c, H, C_out, slope,
         y_ptr + n.to(tl.int64) * stride_yn, stride_yc, stride_yt, stride_yh, stride_yw,

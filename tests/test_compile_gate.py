@@ -136,3 +136,64 @@ def test_compile_gate_fails_on_the_old_ln2_line(captured, tmp_path, version):
     assert backward, "the gate passed a GeM backward kernel that reads an annotated float constant"
     assert "LN2" in backward[0], backward[0]
     assert not any(e.startswith("gem_rows_fwd_kernel") for e in errors), "the forward does not read LN2"
+
+
+_RUNTIME_LOOKUP = textwrap.dedent('''
+    """Run as a script: JITFunction.run(warmup=True), the path of kernel[grid](...), with a mock
+    driver for an sm_90 GPU; prints how many new entries it added to Triton's cache."""
+    import json, os, sys
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    sys.path.insert(0, os.environ["FASTGAIT_WORKER_DIR"])
+    import worker
+
+    class Hopper:
+        def get_current_device(self): return 0
+        def get_current_stream(self, device=None): return 0
+        def get_current_target(self): return GPUTarget("cuda", 90, 32)
+        def get_active_torch_device(self): return None
+
+    driver.set_active(Hopper())
+    job = json.loads(sys.stdin.read())
+    kernel = worker._jit_function(worker._load_kernel(sys.argv[1], job["module"], job["kernel"]))
+    args = [worker._decode(a) for a in job["args"]]
+    kwargs = {k: worker._decode(v) for k, v in job["kwargs"].items()}
+    cache = os.environ["TRITON_CACHE_DIR"]
+    before = set(os.listdir(cache))
+    kernel.run(*args, grid=(1,), warmup=True, **kwargs)
+    print(len(set(os.listdir(cache)) - before))
+''')
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_warm_fills_the_cache_entries_the_runtime_looks_up(captured, tmp_path, version):
+    """``--warm`` compiles launches through the gate's worker into Triton's cache; a kernel launch
+    (``JITFunction.run``, mock sm_90 driver) must then find its binary there: no new entry."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastgait.compile_gate.capture import kernels_dir
+
+    folder = _folder(version)
+    found, _ = captured
+    launch = next(launch for launch in found if launch.kernel == "gem_rows_fwd_kernel")  # quick to compile
+    cache = tmp_path / "triton-cache"
+    cache.mkdir()
+    env = dict(os.environ, TRITON_CACHE_DIR=str(cache), FASTGAIT_WORKER_DIR=str(Path(gate.__file__).parent))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_CACHE_DIR", str(cache))
+        results = gate.compile_launches([launch], gate.SM90, folder, use_cache=False, always_compile=False)
+    assert results[launch.key]["ok"], results[launch.key]
+    assert any(cache.iterdir()), "the worker wrote nothing into TRITON_CACHE_DIR"
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("PYTHONPATH", None)
+    if folder is not None:
+        env["PYTHONPATH"] = str(folder)
+    script = tmp_path / "lookup.py"
+    script.write_text(_RUNTIME_LOOKUP)
+    proc = subprocess.run([sys.executable, str(script), str(kernels_dir())], input=json.dumps(launch.as_job()),
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0", "the runtime compiled again: its cache key differs"

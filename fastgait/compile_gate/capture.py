@@ -32,21 +32,22 @@ INPUT_SIZE = (64, 44)  # OpenGait's pretreated silhouettes, cut to 64 x 44
 
 @dataclass(frozen=True)
 class Scenario:
-    """One way the kernels run: a recipe's model, its dtype, train/eval, memory format, MLA design."""
+    """One way the kernels run: a recipe's model, its dtype, train/eval, memory format, the
+    row-cut engine's design (MLA and GL blocks)."""
 
     recipe: str
     dtype: str  # a key of DTYPES
     mode: str  # "train" (forward, loss, backward) or "eval" (forward, distances)
     channels_last: bool = True
-    mla_design: Optional[str] = None  # None: the default design
+    design: Optional[str] = None  # the engine's design; None: the default ("auto")
     overrides: tuple = ()  # (dotted key, value) pairs applied to the recipe
 
     @property
     def name(self) -> str:
         parts = [self.recipe, *(f"{k}={v}" for k, v in self.overrides), self.dtype, self.mode,
                  "channels_last_3d" if self.channels_last else "contiguous"]
-        if self.mla_design:
-            parts.append(f"mla={self.mla_design}")
+        if self.design:
+            parts.append(f"design={self.design}")
         return " ".join(parts)
 
 
@@ -225,25 +226,25 @@ def _model_config(config: dict) -> dict:
 
 
 @contextlib.contextmanager
-def _mla_design(design: Optional[str]) -> Iterator[None]:
-    """The MLA blocks run ``design`` (None: the default, "auto", which is the engine's
-    FALLBACK_DESIGN on fake tensors); FASTGAIT_CONV_DESIGN is ignored meanwhile, so the
-    scenarios capture the same launches whatever the environment says."""
+def _engine_design(design: Optional[str]) -> Iterator[None]:
+    """Every row-cut engine call (MLA and GL blocks) resolves its design to ``design``, through
+    FASTGAIT_CONV_DESIGN (which "auto" obeys before anything else); None: the default, "auto",
+    which on fake tensors is the engine's FALLBACK_DESIGN. Whatever FASTGAIT_CONV_DESIGN said
+    outside is put back afterwards, so the scenarios capture the same launches whatever the
+    environment says."""
     import os
 
-    from fastgait.ops import mla
     from fastgait.ops.conv_engine import DESIGN_ENV
 
-    override = os.environ.pop(DESIGN_ENV, None)
-    previous = mla.DEFAULT_DESIGN
+    outside = os.environ.pop(DESIGN_ENV, None)
     if design is not None:
-        mla.DEFAULT_DESIGN = design
+        os.environ[DESIGN_ENV] = design
     try:
         yield
     finally:
-        mla.DEFAULT_DESIGN = previous
-        if override is not None:
-            os.environ[DESIGN_ENV] = override
+        os.environ.pop(DESIGN_ENV, None)
+        if outside is not None:
+            os.environ[DESIGN_ENV] = outside
 
 
 def _run(scenario: Scenario, config: dict, model: torch.nn.Module) -> None:
@@ -302,7 +303,7 @@ def capture(scenario: Scenario) -> tuple[list[Launch], set[str]]:
     model = build_model(_model_config(config))  # real (cheap) weights, made fake inside the mode
     recorder = _Recorder()
     interceptor = _OpInterceptor(recorder)
-    with force_gpu_choices(), _mla_design(scenario.mla_design), recorder.patched():
+    with force_gpu_choices(), _engine_design(scenario.design), recorder.patched():
         with FakeTensorMode(allow_non_fake_inputs=True), interceptor.mode:
             _run(scenario, config, model)
     for launch in recorder.launches:

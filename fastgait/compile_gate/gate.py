@@ -67,9 +67,22 @@ def _distinct_recipes() -> list[str]:
     return out
 
 
+def _uses_engine(recipe: str) -> bool:
+    """Whether the recipe's model has blocks that run the row-cut engine (MLA, GL), whose
+    designs get scenarios of their own."""
+    from fastgait.config import load_config
+    from fastgait.models import build_model
+    from fastgait.nn import MLA, GLConv
+
+    from .capture import _model_config
+
+    model = build_model(_model_config(load_config(recipe)))
+    return any(isinstance(module, (MLA, GLConv)) for module in model.modules())
+
+
 def scenarios() -> list[Scenario]:
     """Every recipe in bf16/fp16/fp32 training and bf16/fp32 evaluation in the trainer's layout,
-    contiguous inputs, each MLA design, and each ReverseMaskNet block."""
+    contiguous inputs, each design of the row-cut engine, and each ReverseMaskNet block."""
     from fastgait.config import load_config
     from fastgait.models.reverse_mask import BLOCK_TYPES
     from fastgait.ops.mla import DESIGNS, FALLBACK_DESIGN
@@ -80,15 +93,15 @@ def scenarios() -> list[Scenario]:
         out += [Scenario(recipe, dtype, "eval") for dtype in ("bf16", "fp32")]
         out += [Scenario(recipe, "bf16", "train", channels_last=False), Scenario(recipe, "fp32", "eval", channels_last=False)]
         model = load_config(recipe)["model"]["name"]
-        if model == "GaitMask":
+        if _uses_engine(recipe):
             # The default design, "auto", runs FALLBACK_DESIGN on fake tensors (it cannot time
-            # there): the other designs get their own scenarios, so both designs' launches are
-            # captured (on a GPU "auto" may run either).
+            # there): the other designs get their own scenarios, so that every launch "auto" may
+            # make on a GPU is captured (the MLA and GL blocks alike).
             for design in DESIGNS:
                 if design != FALLBACK_DESIGN:
-                    out += [Scenario(recipe, dtype, "train", mla_design=design) for dtype in DTYPES]
-                    out += [Scenario(recipe, "bf16", "eval", mla_design=design),
-                            Scenario(recipe, "bf16", "train", channels_last=False, mla_design=design)]
+                    out += [Scenario(recipe, dtype, "train", design=design) for dtype in DTYPES]
+                    out += [Scenario(recipe, "bf16", "eval", design=design),
+                            Scenario(recipe, "bf16", "train", channels_last=False, design=design)]
         if model == "ReverseMaskNet":
             default_block = load_config(recipe)["model"].get("block")
             out += [Scenario(recipe, "bf16", "train", overrides=(("model.block", block),))
@@ -121,7 +134,7 @@ def _source_digest(kernels: Path) -> str:
 
 def compile_launches(found: list[Launch], capability: int, triton_dir: Optional[Path] = None,
                      workers: Optional[int] = None, kernels: Optional[Path] = None,
-                     use_cache: bool = True) -> dict[str, dict]:
+                     use_cache: bool = True, always_compile: bool = True) -> dict[str, dict]:
     """``{launch key: result}`` for every launch, compiled in ``workers`` processes.
 
     Results are cached by (kernel sources, launch, Triton folder, capability) under
@@ -137,7 +150,7 @@ def compile_launches(found: list[Launch], capability: int, triton_dir: Optional[
         except (OSError, ValueError):
             cached = {}
     todo = [launch for launch in found if launch.key not in cached]
-    fresh = _compile(todo, capability, triton_dir, workers, kernels) if todo else {}
+    fresh = _compile(todo, capability, triton_dir, workers, kernels, always_compile) if todo else {}
     if use_cache and fresh:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
@@ -147,10 +160,13 @@ def compile_launches(found: list[Launch], capability: int, triton_dir: Optional[
 
 
 def _compile(found: list[Launch], capability: int, triton_dir: Optional[Path], workers: Optional[int],
-             kernels: Path) -> dict[str, dict]:
+             kernels: Path, always_compile: bool = True) -> dict[str, dict]:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    env["TRITON_ALWAYS_COMPILE"] = "1"  # no cache hits: ptxas must run to report registers
+    if always_compile:
+        env["TRITON_ALWAYS_COMPILE"] = "1"  # no cache hits: ptxas must run to report registers
+    else:
+        env.pop("TRITON_ALWAYS_COMPILE", None)
     env.pop("PYTHONPATH", None)
     if triton_dir is not None:
         env["PYTHONPATH"] = str(triton_dir)
@@ -199,3 +215,21 @@ def check(found: list[Launch], results: dict[str, dict], version: str, capabilit
             errors.append(f"{where} spills ({result['spill_stores']} B stored, {result['spill_loads']} B loaded, "
                           f"{result['registers']} registers) in the trainer's layout, scenario '{launch.scenarios[0]}'")
     return errors
+
+
+def warm(capability: int, workers: Optional[int] = None) -> tuple[int, int]:
+    """Compile every launch of the trainer's layout (all dtypes, train and eval) for
+    ``capability`` with the installed Triton, in ``workers`` processes, into Triton's own cache
+    (``~/.triton/cache`` or ``$TRITON_CACHE_DIR``).
+
+    The worker compiles a launch exactly as ``kernel[grid](...)`` would (Triton's binder and
+    ``_pack_args``, the same ``triton.compile`` call), so the cache entries are the ones the
+    kernels look up at run time: on a GPU machine, tests and benchmarks that run afterwards (or
+    meanwhile) load them instead of compiling one kernel at a time. Launches at other shapes
+    (the tests' small batches) may specialise differently and still compile when they run.
+    Returns ``(launches, failures)``.
+    """
+    selected = [s for s in scenarios() if s.channels_last]
+    found, _ = launches(selected)
+    results = compile_launches(found, capability, None, workers, use_cache=False, always_compile=False)
+    return len(found), sum(not r.get("ok") for r in results.values())

@@ -258,7 +258,9 @@ def launch_configs(
 
     flat = 128  # positions per program of the per-sample kernels
     row = block(row_len, 128, 128, low=64 if gpu else 16)  # positions (t, w) per program of the per-row kernels
-    gemm_n = 64 if c_pre == c_out and channels_last else 32  # with a global weight the dot is 2 * 32 columns wide
+    # With a global weight the forward's dot is 2 * BLOCK_N columns wide: 128 where the K loop is aligned
+    # (k_tiling); the flat K loop's per-element masks (ragged c_in) spilled at 128 in fp32 (the compile gate).
+    gemm_n = 64 if channels_last and c_in % 16 == 0 else 32
 
     def ragged(c: int) -> bool:  # OU-MVLP's 196 channels: tiles mask a tail (they spilled at 64)
         return c % 32 != 0
@@ -272,7 +274,7 @@ def launch_configs(
         "gemm": dict(BLOCK_M=flat, BLOCK_N=block(c_out, 16 if ragged(c_out) else gemm_n, 16),
                      **k_tiling(c_in, k_cap(c_in, c_out, wide=channels_last), gpu), num_warps=8),
         "dgrad": dict(BLOCK_M=flat, BLOCK_N=block(c_in, 32 if ragged(c_pre) else 64, 16),
-                      **k_tiling(c_pre, k_cap(c_pre, c_in), gpu), num_warps=8),
+                      **k_tiling(c_pre, k_cap(c_pre, c_in, wide=channels_last), gpu), num_warps=8),
         "p0": dict(BLOCK_M=row, BLOCK_N=block(c_out, 64, 16), **k_tiling(c_in, k_cap(c_in, c_out), gpu), num_warps=8),
         "delta_dgrad": dict(BLOCK_M=row, BLOCK_N=block(c_in, 64, 16), **k_tiling(c_out, k_cap(c_out, c_in), gpu),
                             num_warps=8),
@@ -419,25 +421,25 @@ def _forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, 
     flags = dict(GEOM=cuts.geom_id, TERMS=TERMS.index(terms), HAS_GLOBAL=has_global, HAS_CUTS=has_cuts,
                  FUSE_CONCAT=fuse_concat)
     plane = t * h * w  # positions per sample
-    if design == "gemm":
-        config = configs["gemm"]
-        grid = (_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)
-        kernels.cut_conv_forward_gemm_kernel[grid](
-            x, _forward_pack(_interleaved(weight_global, weight_local)), band, y, gates, t, h, w, c_in, c_out,
-            *x.stride(), *y.stride(), *gates.stride(), cuts.size, negative_slope, **flags, **config,
-        )  # fmt: skip
-        return y, gates
-
-    pre = F.conv3d(x, weight, padding=1)  # [G; F] by the vendor, a temporary
-    _check_sample_extent(pre=pre)
     p_rows = _slot_rows(x, slots, c_out, torch.float32) if has_cuts else gates  # (a placeholder without cuts)
-    if has_cuts:
+    if has_cuts:  # P on the cut rows, straight from X (both designs)
         config = configs["p0"]
         grid = (n * slots, _cdiv(t * w, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]))
         kernels.cut_rows_p_kernel[grid](
             x, _forward_pack(weight_local), band, p_rows, slots, t, h, w, c_in, c_out,
             *x.stride(), *p_rows.stride(), cuts.size, GEOM=cuts.geom_id, **config,
         )  # fmt: skip
+    if design == "gemm":
+        config = configs["gemm"]
+        grid = (_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)
+        kernels.cut_conv_forward_gemm_kernel[grid](
+            x, _forward_pack(_interleaved(weight_global, weight_local)), band, p_rows, y, gates, t, h, w, c_in, c_out,
+            *x.stride(), *p_rows.stride(), *y.stride(), *gates.stride(), cuts.size, negative_slope, **flags, **config,
+        )  # fmt: skip
+        return y, gates
+
+    pre = F.conv3d(x, weight, padding=1)  # [G; F] by the vendor, a temporary
+    _check_sample_extent(pre=pre)
     config = configs["elementwise"]
     kernels.cut_conv_epilogue_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)](
         pre, p_rows, band, y, gates, t, h, w, c_out,

@@ -25,9 +25,12 @@ large segment rounded to 2 MiB, counted whole when the rest is under 1 MiB); CUD
 rules (the CPU autocast lists are used: both put convolutions in bf16 and leave the rest of these
 ops alone). Model numbers are not measurements.
 
+The fused ops' real launchers run under the model, so its "engine" rows are the engine as it is:
+no materialized zero gradient for the gates, and the batch in chunks of samples
+(``fastgait.ops.conv_engine.CHUNK_BYTES``; patch that constant to model other chunk sizes).
 Model-only variants (:data:`VARIANTS`) replace the engine's launchers *in the model* by
-allocation-only prototypes (bit-packed gates, gpre/dgrad/wgrad in chunks of samples, no
-materialized gradient for the gates): they quantify options; nothing in the engine changes.
+allocation-only prototypes (the engine's own sequence as a check, other chunk sizes, bit-packed
+gates, no gpre): they quantify options; nothing in the engine changes.
 """
 from __future__ import annotations
 
@@ -530,11 +533,20 @@ def _engine():
     return conv_engine
 
 
-def _forward_variant(packed: bool, chunk: Optional[int] = None):
+def _chunks(ce, n: int, chunk, per_sample_bytes: int) -> list:
+    """The variant's chunks of samples: ``None`` the engine's rule (``conv_engine.sample_chunks``,
+    ``CHUNK_BYTES``), ``"all"`` one chunk, an int that many samples per chunk."""
+    if chunk is None:
+        return ce.sample_chunks(n, per_sample_bytes)
+    step = n if chunk == "all" else chunk
+    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
+
+
+def _forward_variant(packed: bool, chunk=None):
     """The engine's ``_forward`` allocation sequence, with the gates packed to 1 bit (the boundary
-    rows' second bit, ``P0 > 0``, in a per-slot buffer ``[n, slots, t, w, c_out/8]`` after them)
-    and, in the hybrid design, the vendor's ``[G; F]`` temporary and the P rows made ``chunk``
-    samples at a time (``None``: all at once, as the engine does)."""
+    rows' second bit, ``P0 > 0``, in a per-slot buffer ``[n, slots, t, w, c_out/8]`` after them),
+    and the P rows and (hybrid) the vendor's ``[G; F]`` temporary made per chunk of samples
+    (``chunk``: see :func:`_chunks`; ``None`` is the engine's rule)."""
     ce = _engine()
 
     def forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, design):
@@ -542,6 +554,7 @@ def _forward_variant(packed: bool, chunk: Optional[int] = None):
         c_out = weight_local.shape[0]
         weight = ce._stacked(weight_global, weight_local)
         c_pre = weight.shape[0]
+        has_cuts = cuts.any(h)
         fuse_concat = weight_global is not None and fuse == "concat"
         y = ce._empty_activation(n, c_out, t, 2 * h if fuse_concat else h, w, like=x)
         if packed:  # one buffer: the packed gates, then the boundary slots' P0 > 0 bits
@@ -549,27 +562,31 @@ def _forward_variant(packed: bool, chunk: Optional[int] = None):
             gates = torch.empty(n_bits, dtype=torch.uint8, device=x.device)
         else:
             gates = ce._empty_activation(n, c_pre, t, h, w, like=x, dtype=torch.uint8)
+        packs = []  # held through the chunks, as the engine holds them
+        if has_cuts:
+            packs.append(ce._forward_pack(weight_local))
         if design == "gemm":
-            ce._forward_pack(ce._interleaved(weight_global, weight_local))
-            return y, gates
-        step = n if chunk is None else chunk
-        for start in range(0, n, step):
-            xs = x[start:start + step]
-            pre = torch.nn.functional.conv3d(xs, weight, padding=1)  # the vendor's temporary
-            p_rows = ce._slot_rows(xs, cuts.slots(h), c_out, torch.float32)
-            ce._forward_pack(weight_local)
-            del pre, p_rows  # the epilogue has written y and the gates of these samples
+            packs.append(ce._forward_pack(ce._interleaved(weight_global, weight_local)))
+        p_bytes = cuts.slots(h) * t * w * c_out * 4 if has_cuts else 0
+        pre_bytes = 0 if design == "gemm" else c_pre * t * h * w * x.element_size()
+        for rows in _chunks(ce, n, chunk, max(pre_bytes, p_bytes)):
+            xs = x[rows]
+            p_rows = ce._slot_rows(xs, cuts.slots(h), c_out, torch.float32) if has_cuts else None
+            if design != "gemm":
+                pre = torch.nn.functional.conv3d(xs, weight, padding=1)  # the vendor's temporary
+                del pre
+            del p_rows  # the epilogue has written y and the gates of these samples
         return y, gates
 
     return forward
 
 
-def _backward_variant(chunk: Optional[int]):
+def _backward_variant(chunk=None):
     """The engine's ``_backward`` allocation sequence, with ``gpre``/``delta`` and the dgrad/wgrad
-    done ``chunk`` samples at a time (``None``: all at once, as the engine does). dX: the GEMM
-    design's dgrad kernel writes each chunk's slice of the full dX; the hybrid's vendor dgrad
-    returns a chunk-sized dX that is copied into place (all at once: the vendor's dX is the
-    output, as in the engine). dW: an fp32 sum over the chunks."""
+    done per chunk of samples (``chunk``: see :func:`_chunks`; ``None`` is the engine's rule). dX:
+    the GEMM design's dgrad kernel writes each chunk's slice of the full dX; the hybrid's vendor
+    dgrad returns a chunk-sized dX that is copied into place (one chunk: the vendor's dX is the
+    output). dW: an fp32 sum over the chunks. ``gpre`` is freed before the delta terms."""
     ce = _engine()
 
     def backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, negative_slope, design):
@@ -578,18 +595,21 @@ def _backward_variant(chunk: Optional[int]):
         weight = ce._stacked(weight_global, weight_local)
         c_pre = weight.shape[0]
         slots = cuts.slots(h)
+        has_cuts = cuts.any(h)
         configs = ce.launch_configs(x.device, c_in, c_out, c_pre, t * w, x.stride(1) == 1)
-        step = n if chunk is None else chunk
-        dx = dweight = None
-        if design == "gemm" or step < n:
-            dx = ce._empty_activation(n, c_in, t, h, w, like=x)
-        for start in range(0, n, step):
-            rows = slice(start, min(n, start + step))
+        chunks = _chunks(ce, n, chunk, c_pre * t * h * w * x.element_size())
+        packs = []  # held through the chunks, as the engine holds them
+        if design == "gemm":
+            packs.append(ce._dgrad_pack(weight))
+        if has_cuts:
+            packs.append(ce._dgrad_pack(weight_local))
+        dx = ce._empty_activation(n, c_in, t, h, w, like=x) if design == "gemm" or len(chunks) > 1 else None
+        dweight = None
+        for rows in chunks:
             xs = x[rows]
             gpre = ce._empty_activation(xs.shape[0], c_pre, t, h, w, like=x)
-            delta = ce._slot_rows(xs, slots, c_out)
+            delta = ce._slot_rows(xs, slots, c_out) if has_cuts else None
             if design == "gemm":
-                ce._dgrad_pack(weight)
                 partial = _wgrad_partial(xs, c_pre, h, configs["wgrad"])
                 dws = partial.sum(0).view(c_pre, 3, 3, 3, c_in).permute(0, 4, 1, 2, 3)
                 del partial
@@ -603,17 +623,17 @@ def _backward_variant(chunk: Optional[int]):
                     dx[rows].copy_(dxs)
                 del dxs
                 dws = dws.float()
+            del gpre
             if dweight is None:
                 dweight = dws
             else:
                 dweight += dws
             del dws
-            if step < n:  # chunked: this chunk's gpre is done (the engine keeps its one gpre to the end)
-                del gpre
-            ce._dgrad_pack(weight_local)
-            partial = _wgrad_partial(xs, c_out, slots, dict(configs["wgrad"], BLOCK_O=ce._block(c_out, 16, 64)))
-            dweight[c_pre - c_out:] += partial.sum(0).view(c_out, 3, 3, 3, c_in).permute(0, 4, 1, 2, 3)
-            del partial, delta
+            if has_cuts:
+                partial = _wgrad_partial(xs, c_out, slots, dict(configs["wgrad"], BLOCK_O=ce._block(c_out, 16, 64)))
+                dweight[c_pre - c_out:] += partial.sum(0).view(c_out, 3, 3, 3, c_in).permute(0, 4, 1, 2, 3)
+                del partial
+            del delta
         return dx, dweight.to(weight.dtype).contiguous()
 
     return backward
@@ -623,7 +643,7 @@ def _wgrad_partial(x, c_grad, slots, config):
     """The fp32 partial-sum buffer ``_wgrad`` allocates (same split rule)."""
     ce = _engine()
     n, c_in, t, h, w = x.shape
-    block_k = ce._block(27 * c_in, 16, 64)
+    block_k = ce.k_tiling(c_in, 64, True, taps=27, interpreter_cap=128)["BLOCK_K"]
     tiles = ce._cdiv(c_grad, config["BLOCK_O"]) * ce._cdiv(27 * c_in, block_k)
     reductions = n * slots * ce._cdiv(t * w, config["BLOCK_M"])
     splits = max(1, min(reductions, ce._cdiv(4 * ce.sm_count(x.device), tiles), 64))
@@ -631,17 +651,13 @@ def _wgrad_partial(x, c_grad, slots, config):
     return torch.empty(splits, c_grad, 27 * c_in, dtype=torch.float32, device=x.device)
 
 
-def _variant(packed: bool = False, chunk: Optional[int] = None, engine_forward: bool = False,
-             drop_zero_gates_grad: bool = False, forward_chunk: Optional[int] = None):
-    """Overrides of the two ``fastgait::`` ops (their launchers' allocation sequences).
-
-    ``drop_zero_gates_grad``: the autograd engine hands the backward no zero gradient for the
-    non-differentiable gates (``ctx.set_materialize_grads(False)`` in the engine's setup_context),
-    modelled by not counting that one allocation (a uint8 ``zeros`` of the gates' shape)."""
+def _variant(packed: bool = False, chunk=None, forward_chunk=None):
+    """Overrides of the two ``fastgait::`` ops (their launchers' allocation sequences); ``chunk``
+    (backward) and ``forward_chunk`` (forward): see :func:`_chunks`."""
 
     def make(config):
         ce = _engine()
-        forward = ce._forward if engine_forward else _forward_variant(packed, forward_chunk)
+        forward = _forward_variant(packed, forward_chunk)
         backward = _backward_variant(chunk)
 
         def forward_op(x, weight_global, weight_local, band_start, geometry, size, fuse, terms, negative_slope, design):
@@ -655,7 +671,6 @@ def _variant(packed: bool = False, chunk: Optional[int] = None, engine_forward: 
 
         return {"fastgait::cut_conv3d": forward_op, "fastgait::cut_conv3d_backward": backward_op}, None
 
-    make.drop_zero_gates_grad = drop_zero_gates_grad
     make.drop_gpre = False
     return make
 
@@ -667,38 +682,31 @@ def _without_gpre(make):
     def wrapped(config):
         return make(config)
 
-    wrapped.drop_zero_gates_grad = make.drop_zero_gates_grad
     wrapped.drop_gpre = True
     return wrapped
 
 
+# The engine already has A (no materialized zero gradient for the gates) and C (the batch in
+# chunks of samples, forward and backward: ``conv_engine.CHUNK_BYTES``); the variants below are
+# relative to it, plus the engine without chunks (as it was before C) for comparison.
 VARIANTS: dict[str, Callable] = {
     "engine": None,  # the engine as it is
-    "engine (allocation replay)": _variant(engine_forward=True),  # check: the prototypes replay the engine
-    "A: no zero grad for gates": _variant(engine_forward=True, drop_zero_gates_grad=True),
+    "engine (allocation replay)": _variant(),  # check: the prototypes replay the engine
+    "engine without chunks (one chunk per pass)": _variant(chunk="all", forward_chunk="all"),
+    "chunks of 32 samples (fwd+bwd)": _variant(chunk=32, forward_chunk=32),
     "B: packed gates": _variant(packed=True),
-    "C: backward in chunks of 32": _variant(engine_forward=True, chunk=32),
-    "A+B": _variant(packed=True, drop_zero_gates_grad=True),
-    "A+B+C": _variant(packed=True, drop_zero_gates_grad=True, chunk=32),
-    "A+B+C, hybrid forward in chunks of 32": _variant(packed=True, drop_zero_gates_grad=True, chunk=32,
-                                                      forward_chunk=32),
-    "A+B, fwd+bwd in chunks of 16": _variant(packed=True, drop_zero_gates_grad=True, chunk=16, forward_chunk=16),
-    "A+B+D (gemm: no gpre, gating fused into dgrad/wgrad)": _without_gpre(_variant(packed=True, drop_zero_gates_grad=True)),
+    "B, chunks of 32": _variant(packed=True, chunk=32, forward_chunk=32),
+    "B+D (gemm: no gpre, gating fused into dgrad/wgrad)": _without_gpre(_variant(packed=True)),
 }
-
-
-def _is_zero_gates_grad(allocation: Allocation) -> bool:
-    return allocation.op in ("zeros_like", "zeros", "new_zeros", "full", "full_like") and allocation.dtype == "uint8" \
-        and allocation.phase == "backward" and "no fastgait frame" in allocation.site.name
 
 
 def model_variant(config, provider: str, variant: str) -> Result:
     """The fused MLA op with a model-only variant (see :data:`VARIANTS`)."""
     make = VARIANTS[variant]
-    drop_zeros, drop_gpre = getattr(make, "drop_zero_gates_grad", False), getattr(make, "drop_gpre", False)
+    drop_gpre = getattr(make, "drop_gpre", False)
 
     def weights(a: Allocation) -> int:
-        if (drop_zeros and _is_zero_gates_grad(a)) or (drop_gpre and a.site.name.startswith("gpre ")):
+        if drop_gpre and a.site.name.startswith("gpre "):
             return 0
         return a.nbytes
     return model_case("mla_conv3d", config, provider, variant, weights=weights)
@@ -793,7 +801,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not result.error:
                 print(breakdown_table(result) + "\n")
     if args.variants and "mla_conv3d" in args.ops:
-        print("\n## Model-only variants of the fused MLA op (allocation prototypes; the engine is unchanged)\n")
+        print("\n## Model-only variants of the fused MLA op (allocation prototypes, in the model only)\n")
         _, paper, smoke = _spec("mla_conv3d")
         configs = smoke if args.smoke else [c for c in paper if args.configs in c.name]
         rows = []

@@ -134,6 +134,20 @@ def test_channel_counts_in_whole_k_blocks(design, layout):
 
 
 @pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("layout", ["channels-last", "contiguous"])
+@pytest.mark.parametrize("n, samples", [(5, 2), (5, 3)])
+def test_chunked_batch_matches_reference(monkeypatch, design, layout, n, samples):
+    """Strips geometry with the batch in uneven chunks of samples: values and every gradient
+    match the reference; outputs poisoned."""
+    from test_mla_op import force_chunks
+
+    calls = force_chunks(monkeypatch, samples)
+    with poisoned_outputs():
+        check_against_reference(f"triton-{design}", replace(CASES["unequal-add"], n=n, seed=70 + n), layout)
+    assert {2: [(0, 2), (2, 4), (4, 5)], 3: [(0, 3), (3, 5)]}[samples] in calls, calls
+
+
+@pytest.mark.parametrize("design", DESIGNS)
 def test_opcheck(design):
     case = CASES["unequal-add"]
     x, weight_global, weight_local = make_inputs(case)

@@ -209,6 +209,66 @@ def test_channel_counts_in_whole_k_blocks(design, layout):
         check_against_reference(f"triton-{design}", case, layout)
 
 
+def force_chunks(monkeypatch, samples: int):
+    """Make the engine's launchers run the batch in chunks of at most ``samples`` samples, through
+    the engine's own rule: no floor, and a byte budget of ``samples`` times the pass's biggest
+    temporary per sample (set at each call: the passes' temporaries differ). Returns the list of
+    chunkings made, ``[(start, stop), ...]`` per call."""
+    from fastgait.ops import conv_engine
+
+    monkeypatch.setattr(conv_engine, "MIN_CHUNK_SAMPLES", 0)
+    calls = []
+    real = conv_engine.sample_chunks
+
+    def sample_chunks(n, per_sample_bytes):
+        monkeypatch.setattr(conv_engine, "CHUNK_BYTES", samples * per_sample_bytes)
+        chunks = real(n, per_sample_bytes)
+        calls.append([(c.start, c.stop) for c in chunks])
+        return chunks
+
+    monkeypatch.setattr(conv_engine, "sample_chunks", sample_chunks)
+    return calls
+
+
+def test_chunk_rule():
+    """Samples per chunk: one chunk when the batch fits the budget; else even chunks of at most
+    what fits, never fewer than MIN_CHUNK_SAMPLES samples."""
+    from fastgait.ops.conv_engine import CHUNK_BYTES, MIN_CHUNK_SAMPLES, chunk_samples, sample_chunks
+
+    per_sample = CHUNK_BYTES // 37  # 37 samples fit
+    assert chunk_samples(37, per_sample) == 37 and chunk_samples(20, per_sample) == 20
+    assert chunk_samples(128, per_sample) == 32  # 4 chunks of 32, not 37 + 37 + 37 + 17
+    assert chunk_samples(128, CHUNK_BYTES) == MIN_CHUNK_SAMPLES  # the floor
+    assert chunk_samples(3, 10 * CHUNK_BYTES) == 3  # a small batch is one chunk
+    assert [(c.start, c.stop) for c in sample_chunks(128, per_sample)] == [(0, 32), (32, 64), (64, 96), (96, 128)]
+    assert sample_chunks(100, 0) == [slice(0, 100)]
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("layout", ["channels-last", "contiguous"])
+@pytest.mark.parametrize("n, samples", [(5, 2), (3, 2), (5, 3)])
+def test_chunked_batch_matches_reference(monkeypatch, design, layout, n, samples):
+    """The batch in uneven chunks of samples (forward and backward): values and every gradient
+    match the reference, every output element is written (poisoned outputs), per-sample bands
+    slice with the chunks."""
+    calls = force_chunks(monkeypatch, samples)
+    starts = (1, 4, 0, 6, 3)[:n]  # h = 8, 2 rows: the top and bottom bands at n >= 4
+    case = replace(CASES["rows4-T5"], n=n, c_in=3, c_out=5, h=8, band_rows=2, band_starts=starts, seed=50 + n)
+    with poisoned_outputs():
+        check_against_reference(f"triton-{design}", case, layout)
+    expected = {5: {2: [(0, 2), (2, 4), (4, 5)], 3: [(0, 3), (3, 5)]}, 3: {2: [(0, 2), (2, 3)]}}[n][samples]
+    assert expected in calls, calls  # the backward's chunks (the forward's too, in the hybrid design)
+    assert all(len(chunks) > 1 for chunks in calls)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_chunked_batch_concat_and_eval(monkeypatch, design):
+    """Chunks with concat fusion (y has 2H rows) and without bands (evaluation)."""
+    force_chunks(monkeypatch, 2)
+    check_against_reference(f"triton-{design}", replace(CASES["top-concat"], n=3, band_starts=(0, 2, 3), seed=61))
+    check_against_reference(f"triton-{design}", replace(CASES["eval"], n=3, seed=62), "channels-last")
+
+
 @pytest.mark.parametrize(
     "design, case_name", [("hybrid", "per-sample"), ("gemm", "local-only"), (DEFAULT_DESIGN, "eval")]
 )

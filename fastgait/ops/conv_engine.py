@@ -94,6 +94,10 @@ class Cuts:
     def band_pointer(self, placeholder: torch.Tensor) -> torch.Tensor:
         return self.band_start if self.geometry == "band" and self.band_start is not None else placeholder
 
+    def chunk(self, rows: slice) -> "Cuts":
+        """The cuts of the samples ``rows`` (a slice of the batch): the band starts sliced alike."""
+        return self if self.band_start is None else Cuts(self.geometry, self.size, self.band_start[rows])
+
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -404,8 +408,52 @@ def _slot_rows(x, slots, c, dtype=None):
     return _alloc.empty(n, max(slots, 1), t, w, c, dtype=dtype or x.dtype, device=x.device)
 
 
+# Samples per chunk (memory). The launchers run the batch in chunks of samples so that their big
+# temporaries exist for one chunk at a time: the hybrid forward's vendor output ``pre``
+# ``[n, c_pre, t, h, w]`` and the P rows; the backward's ``gpre`` ``[n, c_pre, t, h, w]``, the
+# vendor's dgrad of it (hybrid), the ``delta`` slots and the wgrad partial sums. The outputs
+# (``y``, the gates, ``dx``) are whole-batch tensors and each chunk writes its slice: every kernel
+# takes per-sample base pointers and strides, so a chunk is just views ``x[a:b]``, ``y[a:b]``,
+# ``gates[a:b]``, ``band_start[a:b]``, ``dx[a:b]``. The weight gradient is summed over the chunks
+# in fp32, in chunk order (deterministic).
+# Rule (``chunk_samples``): the most samples whose biggest temporary (``pre`` or ``gpre``, else the
+# fp32 P rows) fits in ``CHUNK_BYTES``, at least ``MIN_CHUNK_SAMPLES`` (the GEMMs stay large),
+# then spread evenly over as few chunks as that takes; one chunk when the batch fits.
+# Why: the fused MLA block's fwd+bwd peak target is <= 0.5x the eager reference's
+# (docs/memory_notes.md). At the CASIA-B shapes (n = 128, bf16) gpre is 880 / 440 / 440 MiB for
+# MLA-A 32->64 / MLA-A 64->128 / MLA-B; this rule makes 8 chunks of 16 samples (110 / 55 / 55
+# MiB). Memory model (bench/memory_model.py; not measured), fwd+bwd peak vs the reference:
+# 0.65 / 0.67 / 0.69x in one chunk -> 0.40 / 0.41 / 0.49x (hybrid), 0.40 / 0.41 / 0.49x (gemm).
+# 128 MiB would leave MLA-B at 0.52-0.54x; the backward stays the peak.
+CHUNK_BYTES = 64 << 20
+MIN_CHUNK_SAMPLES = 16
+
+
+def chunk_samples(n: int, per_sample_bytes: int) -> int:
+    """Samples per chunk for a batch of ``n`` whose biggest temporary takes ``per_sample_bytes`` per
+    sample (see ``CHUNK_BYTES``): ``n`` (one chunk) when it fits, else the even split of ``n`` over
+    the fewest chunks of at most ``max(MIN_CHUNK_SAMPLES, CHUNK_BYTES // per_sample_bytes)``."""
+    fit = max(1, MIN_CHUNK_SAMPLES, CHUNK_BYTES // max(1, per_sample_bytes))
+    if fit >= n:
+        return max(n, 1)
+    return _cdiv(n, _cdiv(n, fit))
+
+
+def sample_chunks(n: int, per_sample_bytes: int) -> list[slice]:
+    """The batch ``[0, n)`` as consecutive slices of ``chunk_samples(n, per_sample_bytes)`` samples
+    (the last one shorter when they do not divide ``n``)."""
+    step = chunk_samples(n, per_sample_bytes)
+    return [slice(start, min(n, start + step)) for start in range(0, n, step)] or [slice(0, n)]
+
+
 def _forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, design):
-    """``(y, gates)``: the block's output and the one-byte gates its backward needs."""
+    """``(y, gates)``: the block's output and the one-byte gates its backward needs.
+
+    In chunks of samples (``sample_chunks``): per chunk the P rows (fp32, cut slots) and, in the
+    hybrid design, the vendor's ``[G; F]`` output ``pre`` (the biggest temporary: ``2*c_out``
+    channels at full size), then the epilogue writes the chunk's slices of ``y`` and the gates.
+    The GEMM design has no ``pre``; its P rows are small, so it runs as one chunk at CASIA-B sizes.
+    """
     kernels = _kernels()
     n, c_in, t, h, w = x.shape
     c_out = weight_local.shape[0]
@@ -414,43 +462,60 @@ def _forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, 
     slots = cuts.slots(h)
     fuse_concat = has_global and fuse == "concat"
     weight = _stacked(weight_global, weight_local)
-    configs = launch_configs(x.device, c_in, c_out, weight.shape[0], t * w, x.stride(1) == 1)
-    y, gates = _forward_outputs(x, c_out, weight.shape[0], fuse_concat)
+    c_pre = weight.shape[0]
+    configs = launch_configs(x.device, c_in, c_out, c_pre, t * w, x.stride(1) == 1)
+    y, gates = _forward_outputs(x, c_out, c_pre, fuse_concat)
     _check_sample_extent(x=x, y=y)
-    band = cuts.band_pointer(gates) if has_cuts else gates  # a placeholder pointer where unused
     flags = dict(GEOM=cuts.geom_id, TERMS=TERMS.index(terms), HAS_GLOBAL=has_global, HAS_CUTS=has_cuts,
                  FUSE_CONCAT=fuse_concat)
     plane = t * h * w  # positions per sample
-    p_rows = _slot_rows(x, slots, c_out, torch.float32) if has_cuts else gates  # (a placeholder without cuts)
-    if has_cuts:  # P on the cut rows, straight from X (both designs)
-        config = configs["p0"]
-        grid = (n * slots, _cdiv(t * w, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]))
-        kernels.cut_rows_p_kernel[grid](
-            x, _forward_pack(weight_local), band, p_rows, slots, t, h, w, c_in, c_out,
-            *x.stride(), *p_rows.stride(), cuts.size, GEOM=cuts.geom_id, **config,
-        )  # fmt: skip
-    if design == "gemm":
-        config = configs["gemm"]
-        grid = (_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)
-        kernels.cut_conv_forward_gemm_kernel[grid](
-            x, _forward_pack(_interleaved(weight_global, weight_local)), band, p_rows, y, gates, t, h, w, c_in, c_out,
-            *x.stride(), *p_rows.stride(), *y.stride(), *gates.stride(), cuts.size, negative_slope, **flags, **config,
-        )  # fmt: skip
-        return y, gates
-
-    pre = F.conv3d(x, weight, padding=1)  # [G; F] by the vendor, a temporary
-    _check_sample_extent(pre=pre)
-    config = configs["elementwise"]
-    kernels.cut_conv_epilogue_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)](
-        pre, p_rows, band, y, gates, t, h, w, c_out,
-        *pre.stride(), *p_rows.stride(), *y.stride(), *gates.stride(), cuts.size, negative_slope,
-        **flags, **config,
-    )  # fmt: skip
+    p_pack = _forward_pack(weight_local) if has_cuts else None
+    gemm_pack = _forward_pack(_interleaved(weight_global, weight_local)) if design == "gemm" else None
+    p_bytes = slots * t * w * c_out * 4 if has_cuts else 0
+    pre_bytes = 0 if design == "gemm" else c_pre * plane * x.element_size()
+    for rows in sample_chunks(n, max(pre_bytes, p_bytes)):
+        xs, ys, gs, cs = x[rows], y[rows], gates[rows], cuts.chunk(rows)
+        m = xs.shape[0]
+        band = cs.band_pointer(gs) if has_cuts else gs  # a placeholder pointer where unused
+        p_rows = _slot_rows(xs, slots, c_out, torch.float32) if has_cuts else gs  # (a placeholder without cuts)
+        if has_cuts:  # P on the cut rows, straight from X (both designs)
+            config = configs["p0"]
+            grid = (m * slots, _cdiv(t * w, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]))
+            kernels.cut_rows_p_kernel[grid](
+                xs, p_pack, band, p_rows, slots, t, h, w, c_in, c_out,
+                *xs.stride(), *p_rows.stride(), cuts.size, GEOM=cuts.geom_id, **config,
+            )  # fmt: skip
+        if design == "gemm":
+            config = configs["gemm"]
+            grid = (_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), m)
+            kernels.cut_conv_forward_gemm_kernel[grid](
+                xs, gemm_pack, band, p_rows, ys, gs, t, h, w, c_in, c_out,
+                *xs.stride(), *p_rows.stride(), *ys.stride(), *gs.stride(), cuts.size, negative_slope, **flags,
+                **config,
+            )  # fmt: skip
+        else:
+            pre = F.conv3d(xs, weight, padding=1)  # [G; F] by the vendor, a temporary of this chunk
+            _check_sample_extent(pre=pre)
+            config = configs["elementwise"]
+            kernels.cut_conv_epilogue_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), m)](
+                pre, p_rows, band, ys, gs, t, h, w, c_out,
+                *pre.stride(), *p_rows.stride(), *ys.stride(), *gs.stride(), cuts.size, negative_slope,
+                **flags, **config,
+            )  # fmt: skip
+            del pre
+        del p_rows
     return y, gates
 
 
 def _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, negative_slope, design):
-    """``(dx, d[W_g; W_l])`` from the saved gates."""
+    """``(dx, d[W_g; W_l])`` from the saved gates.
+
+    In chunks of samples (``sample_chunks``, sized by ``gpre``, the biggest temporary): per chunk
+    ``gpre`` ``[m, c_pre, t, h, w]`` and ``delta`` (the cut slots' dY/dP), the dgrad into the
+    chunk's slice of ``dx`` (hybrid: the vendor's chunk-sized dX, copied into place when there is
+    more than one chunk), the wgrad, and the delta terms; ``gpre`` is freed before the delta terms.
+    dW: an fp32 sum over the chunks, in chunk order.
+    """
     kernels = _kernels()
     n, c_in, t, h, w = x.shape
     c_out = weight_local.shape[0]
@@ -462,44 +527,63 @@ def _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, 
     configs = launch_configs(x.device, c_in, c_out, c_pre, t * w, x.stride(1) == 1)
     plane = t * h * w  # positions per sample
     _check_sample_extent(grad_y=grad_y)
-    band = cuts.band_pointer(gates) if has_cuts else gates
+    chunks = sample_chunks(n, c_pre * plane * x.element_size())  # by gpre's bytes per sample
+    dgrad_pack = _dgrad_pack(weight) if design == "gemm" else None
+    delta_pack = _dgrad_pack(weight_local) if has_cuts else None
+    dx = _empty_activation(n, c_in, t, h, w, like=x) if design == "gemm" or len(chunks) > 1 else None
+    dweight = None
+    for rows in chunks:
+        xs, gys, gs, cs = x[rows], grad_y[rows], gates[rows], cuts.chunk(rows)
+        m = xs.shape[0]
+        band = cs.band_pointer(gs) if has_cuts else gs
 
-    # gpre = [g_G a'(G); g_L a'(F')], and delta = dY/dP on the cut slots.
-    gpre = _empty_activation(n, c_pre, t, h, w, like=x)
-    delta = _slot_rows(x, slots, c_out) if has_cuts else gates
-    config = configs["elementwise"]
-    kernels.cut_conv_gated_grad_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), n)](
-        grad_y, gates, band, gpre, delta, t, h, w, c_out,
-        *grad_y.stride(), *gates.stride(), *gpre.stride(), *delta.stride(), cuts.size, negative_slope,
-        GEOM=cuts.geom_id, TERMS=TERMS.index(terms), HAS_GLOBAL=has_global, HAS_CUTS=has_cuts,
-        FUSE_CONCAT=has_global and fuse == "concat", **config,
-    )  # fmt: skip
-
-    if design == "gemm":
-        dx = _empty_activation(n, c_in, t, h, w, like=x)
-        config = configs["dgrad"]
-        kernels.conv3x3x3_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_in, config["BLOCK_N"]), n)](
-            gpre, _dgrad_pack(weight), dx, t, h, w, c_pre, c_in, *gpre.stride(), *dx.stride(), **config
-        )
-        dweight = _wgrad(x, gpre, gpre.stride(), c_pre, h, None, configs["wgrad"])
-    else:
-        dx, dweight, _ = torch.ops.aten.convolution_backward(
-            gpre, x, weight, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1, [True, True, False]
-        )
-        dx = _in_format_of(dx, like=x)
-        dweight = dweight.float()
-
-    if has_cuts:  # the delta terms: W_l^T conv delta into dx's across rows, X[across] conv delta into dW_l
-        d = delta.stride()  # [n, S, t, w, c]
-        config = configs["delta_dgrad"]
-        grid = (n * slots, _cdiv(t * w, config["BLOCK_M"]), _cdiv(c_in, config["BLOCK_N"]))
-        kernels.cut_conv_delta_dgrad_kernel[grid](
-            delta, _dgrad_pack(weight_local), band, dx, slots, t, h, w, c_out, c_in, *d, *dx.stride(), cuts.size,
-            GEOM=cuts.geom_id, **config,
+        # gpre = [g_G a'(G); g_L a'(F')], and delta = dY/dP on the cut slots.
+        gpre = _empty_activation(m, c_pre, t, h, w, like=x)
+        delta = _slot_rows(xs, slots, c_out) if has_cuts else gs
+        config = configs["elementwise"]
+        kernels.cut_conv_gated_grad_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), m)](
+            gys, gs, band, gpre, delta, t, h, w, c_out,
+            *gys.stride(), *gs.stride(), *gpre.stride(), *delta.stride(), cuts.size, negative_slope,
+            GEOM=cuts.geom_id, TERMS=TERMS.index(terms), HAS_GLOBAL=has_global, HAS_CUTS=has_cuts,
+            FUSE_CONCAT=has_global and fuse == "concat", **config,
         )  # fmt: skip
-        delta_strides = (d[0], d[4], d[2], d[1], d[3])  # as (n, c, t, slot, w)
-        config = dict(configs["wgrad"], BLOCK_O=_block(c_out, 16, 64))
-        dweight[c_pre - c_out :] += _wgrad(x, delta, delta_strides, c_out, slots, cuts, config)
+
+        if design == "gemm":
+            dxs = dx[rows]
+            config = configs["dgrad"]
+            kernels.conv3x3x3_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_in, config["BLOCK_N"]), m)](
+                gpre, dgrad_pack, dxs, t, h, w, c_pre, c_in, *gpre.stride(), *dxs.stride(), **config
+            )
+            dws = _wgrad(xs, gpre, gpre.stride(), c_pre, h, None, configs["wgrad"])
+        else:
+            dxs, dws, _ = torch.ops.aten.convolution_backward(
+                gpre, xs, weight, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1, [True, True, False]
+            )
+            if dx is None:  # one chunk: the vendor's dX is the output
+                dx = dxs = _in_format_of(dxs, like=x)
+            else:
+                dx[rows].copy_(dxs)
+                dxs = dx[rows]
+            dws = dws.float()
+        del gpre
+        if dweight is None:
+            dweight = dws
+        else:
+            dweight += dws
+        del dws
+
+        if has_cuts:  # the delta terms: W_l^T conv delta into dx's across rows, X[across] conv delta into dW_l
+            d = delta.stride()  # [m, S, t, w, c]
+            config = configs["delta_dgrad"]
+            grid = (m * slots, _cdiv(t * w, config["BLOCK_M"]), _cdiv(c_in, config["BLOCK_N"]))
+            kernels.cut_conv_delta_dgrad_kernel[grid](
+                delta, delta_pack, band, dxs, slots, t, h, w, c_out, c_in, *d, *dxs.stride(), cuts.size,
+                GEOM=cuts.geom_id, **config,
+            )  # fmt: skip
+            delta_strides = (d[0], d[4], d[2], d[1], d[3])  # as (n, c, t, slot, w)
+            config = dict(configs["wgrad"], BLOCK_O=_block(c_out, 16, 64))
+            dweight[c_pre - c_out :] += _wgrad(xs, delta, delta_strides, c_out, slots, cs, config)
+        del delta, dxs
     return dx, dweight.to(weight.dtype).contiguous()
 
 

@@ -29,7 +29,9 @@ recomputed in-kernel (from the band starts or the strip size); nothing mask-shap
 Backward (derivation in docs/mla_notes.md): with ``gF = dY/dF`` and ``delta = dY/dP`` (the
 latter on cut rows only), ``dX = [W_g; W_l]^T * [g_G a'(G); gF] + sum over cut rows r of the
 across rows s of W_l[kh]^T delta[r]``, and ``dW_l += X[across rows] * delta``. The forward
-saves one byte per element of ``[G; F]``, the *gates*: bit ``POSITIVE`` is ``G > 0`` on global
+saves two bits per element of ``[G; F]``, the *gates* (packed four channels to a byte,
+``_store_gates``: ``[n, B*cdiv(c_out, 4), t, h, w]`` uint8, the global branch's bytes first): bit
+``POSITIVE`` is ``G > 0`` on global
 channels and ``F' > 0`` on local ones (``F' = F - P`` on cut rows, ``F`` elsewhere); bit
 ``CUT_POSITIVE`` (local channels, cut rows, ``TERMS_PAIR``) is ``P > 0``.
 
@@ -64,6 +66,31 @@ def _lrelu(v, negative_slope):
 def _slope_of(gates, BIT: tl.constexpr, negative_slope):
     """``a'(v)`` from the gate bit ``v > 0``; ``a'(0) = negative_slope`` as in PyTorch's backward."""
     return tl.where((gates & BIT) != 0, 1.0, negative_slope)
+
+
+@triton.jit
+def _store_gates(gate_ptr, row_offs, gates, m_ok, col0, byte_base, CQ, stride_gc, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Store a ``[BM, BN]`` tile of 2-bit gates (values 0..3) for channels ``col0 + arange(BN)``
+    packed 4 to a byte: channel ``c``'s field is bits ``2*(c % 4)`` of byte ``byte_base + c // 4``
+    (``col0`` a multiple of 4; bytes ``>= CQ``, past the branch's channels, are not written).
+    row_offs ``[BM]``: the positions' offsets in the sample's gate tensor."""
+    shifts = 2 * tl.arange(0, 4)
+    packed = tl.sum(tl.reshape(gates.to(tl.int32), (BLOCK_M, BLOCK_N // 4, 4)) << shifts[None, None, :], axis=2)
+    byte = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+    tl.store(gate_ptr + (row_offs[:, None] + (byte_base + byte)[None, :] * stride_gc), packed.to(tl.uint8),
+             mask=m_ok[:, None] & (byte < CQ)[None, :])
+
+
+@triton.jit
+def _load_gates(gate_ptr, row_offs, m_ok, col0, byte_base, CQ, stride_gc, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The ``[BM, BN]`` tile of 2-bit gates that ``_store_gates`` packed (int32, 0..3)."""
+    byte = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+    packed = tl.load(gate_ptr + (row_offs[:, None] + (byte_base + byte)[None, :] * stride_gc),
+                     mask=m_ok[:, None] & (byte < CQ)[None, :], other=0).to(tl.int32)
+    fields = (packed[:, :, None] >> (2 * tl.arange(0, 4))[None, None, :]) & 3
+    return tl.reshape(fields, (BLOCK_M, BLOCK_N))
 
 
 @triton.jit
@@ -286,6 +313,7 @@ def _epilogue(
     t,
     h,
     w,
+    m_ok,
     mask,
     offs_c,
     H,
@@ -305,22 +333,28 @@ def _epilogue(
     HAS_CUTS: tl.constexpr,
     FUSE_CONCAT: tl.constexpr,
     TERMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """lrelu, the terms on cut rows and the add/concat fusion; stores Y and the gates.
 
     glob, full, cut_part: ``[BM, BN]`` fp32 ``G``, ``F``, ``P`` (``P`` used on ``cut [BM, BN]``
     only); t, h, w: ``[BM]`` output position in the sample; mask ``[BM, BN]``; offs_c ``[BN]``.
-    y_ptr: the sample's ``[C_out, T, H or 2H, W]``; gate_ptr: its ``[n_cols, T, H, W]`` uint8 gates.
+    y_ptr: the sample's ``[C_out, T, H or 2H, W]``; gate_ptr: its ``[B*CQ, T, H, W]`` uint8 gates
+    (``CQ = cdiv(C_out, 4)`` bytes per branch, 2-bit fields; ``_store_gates``); m_ok ``[BM]``; the
+    tile's channels start at ``program_id(1) * BLOCK_N``.
     """
     local, local_gates = _local_branch(full, cut_part, cut, negative_slope, HAS_CUTS, TERMS)
-    local_cols = offs_c + C_out if HAS_GLOBAL else offs_c
-    gate_offs = (t * stride_gt + h * stride_gh + w * stride_gw)[:, None]  # [BM, 1]
-    tl.store(gate_ptr + (gate_offs + local_cols[None, :] * stride_gc), local_gates.to(tl.uint8), mask=mask)
+    cq = (C_out + 3) // 4  # gate bytes per branch (2-bit fields, 4 channels a byte; global branch first)
+    col0 = tl.program_id(1) * BLOCK_N
+    gate_offs = t * stride_gt + h * stride_gh + w * stride_gw  # [BM]
+    _store_gates(gate_ptr, gate_offs, local_gates, m_ok, col0, cq if HAS_GLOBAL else 0, cq, stride_gc, BLOCK_M,
+                 BLOCK_N)
 
     y_offs = (t * stride_yt + h * stride_yh + w * stride_yw)[:, None] + offs_c[None, :] * stride_yc
     if HAS_GLOBAL:
-        glob_gates = tl.where(glob > 0, POSITIVE, 0).to(tl.uint8)
-        tl.store(gate_ptr + (gate_offs + offs_c[None, :] * stride_gc), glob_gates, mask=mask)
+        _store_gates(gate_ptr, gate_offs, tl.where(glob > 0, POSITIVE, 0), m_ok, col0, 0, cq, stride_gc, BLOCK_M,
+                     BLOCK_N)
         glob_act = _lrelu(glob, negative_slope)
         if FUSE_CONCAT:  # global rows [0, H), local rows [H, 2H)
             tl.store(y_ptr + y_offs, glob_act.to(y_ptr.dtype.element_ty), mask=mask)
@@ -432,10 +466,10 @@ def cut_conv_forward_gemm_kernel(
         )
         cut_part = tl.load(p_ptr + n.to(tl.int64) * stride_0n + p_offs, mask=cut, other=0.0).to(tl.float32)
     _epilogue(
-        glob, full, cut_part, cut, t, h, w, mask, offs_c, H, C_out, slope,
+        glob, full, cut_part, cut, t, h, w, m_ok, mask, offs_c, H, C_out, slope,
         y_ptr + n.to(tl.int64) * stride_yn, stride_yc, stride_yt, stride_yh, stride_yw,
         gate_ptr + n.to(tl.int64) * stride_gn, stride_gc, stride_gt, stride_gh, stride_gw,
-        HAS_GLOBAL, HAS_CUTS, FUSE_CONCAT, TERMS,
+        HAS_GLOBAL, HAS_CUTS, FUSE_CONCAT, TERMS, BLOCK_M, BLOCK_N,
     )  # fmt: skip
 
 
@@ -743,10 +777,10 @@ def cut_conv_epilogue_kernel(
         )
         cut_part = tl.load(p_ptr + n.to(tl.int64) * stride_0n + p_offs, mask=cut, other=0.0).to(tl.float32)
     _epilogue(
-        glob, full, cut_part, cut, t, h, w, mask, offs_c, H, C_out, slope,
+        glob, full, cut_part, cut, t, h, w, m_ok, mask, offs_c, H, C_out, slope,
         y_ptr + n.to(tl.int64) * stride_yn, stride_yc, stride_yt, stride_yh, stride_yw,
         gate_ptr + n.to(tl.int64) * stride_gn, stride_gc, stride_gt, stride_gh, stride_gw,
-        HAS_GLOBAL, HAS_CUTS, FUSE_CONCAT, TERMS,
+        HAS_GLOBAL, HAS_CUTS, FUSE_CONCAT, TERMS, BLOCK_M, BLOCK_N,
     )  # fmt: skip
 
 
@@ -801,7 +835,7 @@ def cut_conv_gated_grad_kernel(
 
     Grid: ``(cdiv(T*H*W, BLOCK_M), cdiv(C_out, BLOCK_N), n)``.
     grad_ptr: upstream gradient ``[n, C_out, T, H or 2H, W]`` (strides ``stride_y*``, any; with
-    concat the local branch's rows are ``[H, 2H)``); gate_ptr ``[n, n_cols, T, H, W]`` uint8;
+    concat the local branch's rows are ``[H, 2H)``); gate_ptr ``[n, B*CQ, T, H, W]`` uint8 packed gates;
     gpre_ptr ``[n, n_cols, T, H, W]`` (strides ``stride_q*``); delta_ptr ``[n, SLOTS, T, W, C_out]``
     (strides ``stride_d*``), written on live slots only (its readers mask the others).
     """
@@ -815,11 +849,14 @@ def cut_conv_gated_grad_kernel(
     gpre_base = gpre_ptr + n64 * stride_qn
 
     y_offs = (t * stride_yt + h * stride_yh + w * stride_yw)[:, None] + offs_c[None, :] * stride_yc
-    gate_offs = (t * stride_gt + h * stride_gh + w * stride_gw)[:, None]
+    gate_offs = t * stride_gt + h * stride_gh + w * stride_gw  # [BM]
+    cq = (C_out + 3) // 4  # packed gate bytes per branch (_store_gates)
+    col0 = tl.program_id(1) * BLOCK_N
     gpre_offs = (t * stride_qt + h * stride_qh + w * stride_qw)[:, None]
     local_row_shift = H * stride_yh if (HAS_GLOBAL and FUSE_CONCAT) else 0
     g_local = tl.load(grad_base + (y_offs + local_row_shift), mask=mask, other=0.0).to(tl.float32)
-    local_gates = tl.load(gate_base + (gate_offs + local_cols[None, :] * stride_gc), mask=mask, other=0)
+    local_gates = _load_gates(gate_base, gate_offs, m_ok, col0, cq if HAS_GLOBAL else 0, cq, stride_gc, BLOCK_M,
+                              BLOCK_N)
     local_slope = _slope_of(local_gates, POSITIVE, slope)
     tl.store(
         gpre_base + (gpre_offs + local_cols[None, :] * stride_qc),
@@ -828,7 +865,7 @@ def cut_conv_gated_grad_kernel(
     )
     if HAS_GLOBAL:
         g_glob = tl.load(grad_base + y_offs, mask=mask, other=0.0).to(tl.float32)
-        glob_gates = tl.load(gate_base + (gate_offs + offs_c[None, :] * stride_gc), mask=mask, other=0)
+        glob_gates = _load_gates(gate_base, gate_offs, m_ok, col0, 0, cq, stride_gc, BLOCK_M, BLOCK_N)
         tl.store(
             gpre_base + (gpre_offs + offs_c[None, :] * stride_qc),
             (g_glob * _slope_of(glob_gates, POSITIVE, slope)).to(gpre_ptr.dtype.element_ty),

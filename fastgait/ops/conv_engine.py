@@ -331,11 +331,17 @@ def _dgrad_pack(weight: torch.Tensor) -> torch.Tensor:
     return _forward_pack(weight.flip(2, 3, 4).transpose(0, 1))
 
 
+def gate_bytes(c_out: int, c_pre: int) -> int:
+    """Channels of the packed gates: 2 bits per channel of ``[G; F]``, four channels a byte, per branch."""
+    return (c_pre // c_out) * _cdiv(c_out, 4)
+
+
 def _forward_outputs(x, c_out, c_pre, fuse_concat):
-    """``y [n, c_out, t, h or 2h, w]`` and the gates ``[n, c_pre, t, h, w]`` (uint8), in x's format."""
+    """``y [n, c_out, t, h or 2h, w]`` and the packed gates ``[n, gate_bytes, t, h, w]`` (uint8;
+    ``_store_gates`` in the kernels), in x's format."""
     n, _, t, h, w = x.shape
     y = _empty_activation(n, c_out, t, 2 * h if fuse_concat else h, w, like=x)
-    return y, _empty_activation(n, c_pre, t, h, w, like=x, dtype=torch.uint8)
+    return y, _empty_activation(n, gate_bytes(c_out, c_pre), t, h, w, like=x, dtype=torch.uint8)
 
 
 def _wgrad(x, grad, grad_strides, c_grad, slots, cuts, config):
@@ -696,7 +702,8 @@ def _cut_conv3d_backward_op(
 @_cut_conv3d_backward_op.register_fake
 def _(grad_y, x, weight_global, weight_local, band_start, gates, geometry, size, fuse, terms, negative_slope, design):
     n, c_in, t, h, w = x.shape
-    return _empty_activation(n, c_in, t, h, w, like=x), weight_local.new_empty(gates.shape[1], c_in, 3, 3, 3)
+    c_pre = weight_local.shape[0] * (1 if weight_global is None else 2)
+    return _empty_activation(n, c_in, t, h, w, like=x), weight_local.new_empty(c_pre, c_in, 3, 3, 3)
 
 
 def _setup_context(ctx, inputs, output):
@@ -705,7 +712,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight_global, weight_local, band_start, gates)
     ctx.config = tuple(config)
     ctx.mark_non_differentiable(gates)
-    # No zero gradient for the gates (a uint8 tensor the size of [G; F]) at the peak of the backward.
+    # No zero gradient for the gates (a uint8 tensor, a quarter the size of [G; F]) at the peak of the backward.
     ctx.set_materialize_grads(False)
 
 

@@ -543,7 +543,8 @@ def _chunks(ce, n: int, chunk, per_sample_bytes: int) -> list:
 
 
 def _forward_variant(packed: bool, chunk=None):
-    """The engine's ``_forward`` allocation sequence, with the gates packed to 1 bit (the boundary
+    """The engine's ``_forward`` allocation sequence (its gates: 2 bits a channel), with ``packed`` the
+    gates at 1 bit (the boundary
     rows' second bit, ``P0 > 0``, in a per-slot buffer ``[n, slots, t, w, c_out/8]`` after them),
     and the P rows and (hybrid) the vendor's ``[G; F]`` temporary made per chunk of samples
     (``chunk``: see :func:`_chunks`; ``None`` is the engine's rule)."""
@@ -561,7 +562,7 @@ def _forward_variant(packed: bool, chunk=None):
             n_bits = n * t * h * w * -(-c_pre // 8) + n * cuts.slots(h) * t * w * -(-c_out // 8)
             gates = torch.empty(n_bits, dtype=torch.uint8, device=x.device)
         else:
-            gates = ce._empty_activation(n, c_pre, t, h, w, like=x, dtype=torch.uint8)
+            gates = ce._empty_activation(n, ce.gate_bytes(c_out, c_pre), t, h, w, like=x, dtype=torch.uint8)
         packs = []  # held through the chunks, as the engine holds them
         if has_cuts:
             packs.append(ce._forward_pack(weight_local))
@@ -694,9 +695,9 @@ VARIANTS: dict[str, Callable] = {
     "engine (allocation replay)": _variant(),  # check: the prototypes replay the engine
     "engine without chunks (one chunk per pass)": _variant(chunk="all", forward_chunk="all"),
     "chunks of 32 samples (fwd+bwd)": _variant(chunk=32, forward_chunk=32),
-    "B: packed gates": _variant(packed=True),
-    "B, chunks of 32": _variant(packed=True, chunk=32, forward_chunk=32),
-    "B+D (gemm: no gpre, gating fused into dgrad/wgrad)": _without_gpre(_variant(packed=True)),
+    "B': 1-bit gates (the engine packs 2 bits)": _variant(packed=True),
+    "B', chunks of 32": _variant(packed=True, chunk=32, forward_chunk=32),
+    "B'+D (gemm: no gpre, gating fused into dgrad/wgrad)": _without_gpre(_variant(packed=True)),
 }
 
 

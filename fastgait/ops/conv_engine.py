@@ -427,11 +427,12 @@ def _slot_rows(x, slots, c, dtype=None):
 # then spread evenly over as few chunks as that takes; one chunk when the batch fits.
 # Why: the fused MLA block's fwd+bwd peak target is <= 0.5x the eager reference's
 # (docs/memory_notes.md). At the CASIA-B shapes (n = 128, bf16) gpre is 880 / 440 / 440 MiB for
-# MLA-A 32->64 / MLA-A 64->128 / MLA-B; this rule makes 8 chunks of 16 samples (110 / 55 / 55
-# MiB). Memory model (bench/memory_model.py; not measured), fwd+bwd peak vs the reference:
-# 0.65 / 0.67 / 0.69x in one chunk -> 0.40 / 0.41 / 0.49x (hybrid), 0.40 / 0.41 / 0.49x (gemm).
-# 128 MiB would leave MLA-B at 0.52-0.54x; the backward stays the peak.
-CHUNK_BYTES = 64 << 20
+# MLA-A 32->64 / MLA-A 64->128 / MLA-B; this rule makes 8 / 4 / 4 chunks of 16 / 32 / 32 samples.
+# Memory model (bench/memory_model.py; not measured), fwd+bwd peak vs the reference, with the
+# gates packed (2 bits a channel): 0.30 / 0.35 / 0.45x (hybrid), 0.29 / 0.34 / 0.43x (gemm); in
+# one chunk 0.65 / 0.67 / 0.69x with byte gates. 64 MiB (more, smaller chunks: more launches)
+# would gain little more; the backward stays the peak.
+CHUNK_BYTES = 128 << 20
 MIN_CHUNK_SAMPLES = 16
 
 

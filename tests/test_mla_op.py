@@ -244,6 +244,19 @@ def test_chunk_rule():
     assert sample_chunks(100, 0) == [slice(0, 100)]
 
 
+def test_chunk_budget_from_the_environment(monkeypatch):
+    """FASTGAIT_CHUNK_MIB overrides the budget (0: no chunks); a bad value is one clear error."""
+    from fastgait.ops.conv_engine import CHUNK_ENV, chunk_samples
+
+    monkeypatch.setenv(CHUNK_ENV, "0")
+    assert chunk_samples(128, 1 << 30) == 128
+    monkeypatch.setenv(CHUNK_ENV, "64")
+    assert chunk_samples(128, (64 << 20) // 40) == 32  # 40 fit: 4 chunks of 32
+    monkeypatch.setenv(CHUNK_ENV, "lots")
+    with pytest.raises(ValueError, match="FASTGAIT_CHUNK_MIB='lots': must be a number of MiB"):
+        chunk_samples(128, 1)
+
+
 @pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("layout", ["channels-last", "contiguous"])
 @pytest.mark.parametrize("n, samples", [(5, 2), (3, 2), (5, 3)])

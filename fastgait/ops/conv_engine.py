@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -434,13 +435,34 @@ def _slot_rows(x, slots, c, dtype=None):
 # would gain little more; the backward stays the peak.
 CHUNK_BYTES = 128 << 20
 MIN_CHUNK_SAMPLES = 16
+# FASTGAIT_CHUNK_MIB overrides CHUNK_BYTES (in MiB; 0: no chunks, the whole batch at once), read
+# at each call: to measure what the chunks cost in time, e.g. `FASTGAIT_CHUNK_MIB=0 pytest bench
+# --benchmark -k MLA` beside the default run.
+CHUNK_ENV = "FASTGAIT_CHUNK_MIB"
+
+
+def _chunk_bytes() -> Optional[int]:
+    """The chunk budget in bytes (None: no chunks)."""
+    text = os.environ.get(CHUNK_ENV)
+    if text is None or text.strip() == "":
+        return CHUNK_BYTES
+    try:
+        mib = float(text)
+    except ValueError:
+        raise ValueError(f"{CHUNK_ENV}={text!r}: must be a number of MiB (0: no chunks)") from None
+    if mib < 0:
+        raise ValueError(f"{CHUNK_ENV}={text!r}: must be a number of MiB >= 0 (0: no chunks)")
+    return None if mib == 0 else int(mib * 2**20)
 
 
 def chunk_samples(n: int, per_sample_bytes: int) -> int:
     """Samples per chunk for a batch of ``n`` whose biggest temporary takes ``per_sample_bytes`` per
     sample (see ``CHUNK_BYTES``): ``n`` (one chunk) when it fits, else the even split of ``n`` over
     the fewest chunks of at most ``max(MIN_CHUNK_SAMPLES, CHUNK_BYTES // per_sample_bytes)``."""
-    fit = max(1, MIN_CHUNK_SAMPLES, CHUNK_BYTES // max(1, per_sample_bytes))
+    budget = _chunk_bytes()
+    if budget is None:
+        return max(n, 1)
+    fit = max(1, MIN_CHUNK_SAMPLES, budget // max(1, per_sample_bytes))
     if fit >= n:
         return max(n, 1)
     return _cdiv(n, _cdiv(n, fit))

@@ -253,7 +253,7 @@ def _accumulate_row_taps(
         # BLOCK_K consecutive channels per row (one vector load per 8 channels in channels-last).
         a_rows = src_ptr + pos  # [BM] pointers
         b_cols = w_ptr + cols  # [BN] pointers
-        for i in range(9 * C_BLOCKS):
+        for i in range(0, 9 * (C_src // BLOCK_K)):  # == 9 * C_BLOCKS; a run-time bound is not unrolled (registers)
             tap = i // C_BLOCKS  # (kt, kw): constexpr divisors, no division routine
             c0 = (i - tap * C_BLOCKS) * BLOCK_K
             a_ok = ((taps_ok >> tap) & 1) != 0  # [BM]

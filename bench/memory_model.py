@@ -597,7 +597,7 @@ def _backward_variant(chunk=None):
         c_pre = weight.shape[0]
         slots = cuts.slots(h)
         has_cuts = cuts.any(h)
-        configs = ce.launch_configs(x.device, c_in, c_out, c_pre, t * w, x.stride(1) == 1)
+        configs = ce.launch_configs(x.device, c_in, c_out, c_pre, t * w, x.stride(1) == 1, x.element_size())
         chunks = _chunks(ce, n, chunk, c_pre * t * h * w * x.element_size())
         packs = []  # held through the chunks, as the engine holds them
         if design == "gemm":

@@ -245,7 +245,8 @@ def k_tiling(c_src: int, cap: int, gpu: bool, taps: int = 9, interpreter_cap: in
 
 
 def launch_configs(
-    device: torch.device, c_in: int, c_out: int, c_pre: int, row_len: int, channels_last: bool = True
+    device: torch.device, c_in: int, c_out: int, c_pre: int, row_len: int, channels_last: bool = True,
+    element_size: int = 2,
 ) -> dict:
     """Block sizes and warps per kernel.
 
@@ -264,8 +265,9 @@ def launch_configs(
     flat = 128  # positions per program of the per-sample kernels
     row = block(row_len, 128, 128, low=64 if gpu else 16)  # positions (t, w) per program of the per-row kernels
     # With a global weight the forward's dot is 2 * BLOCK_N columns wide: 128 where the K loop is aligned
-    # (k_tiling); the flat K loop's per-element masks (ragged c_in) spilled at 128 in fp32 (the compile gate).
-    gemm_n = 64 if channels_last and c_in % 16 == 0 else 32
+    # (k_tiling) on 16-bit data; the flat K loop's per-element masks (ragged c_in) spilled at 128 in fp32,
+    # and fp32 (TF32) tiles took 245-255 registers at 128 (the compile gate): 64 columns there.
+    gemm_n = 64 if channels_last and c_in % 16 == 0 and element_size <= 2 else 32
 
     def ragged(c: int) -> bool:  # OU-MVLP's 196 channels: tiles mask a tail (they spilled at 64)
         return c % 32 != 0
@@ -492,7 +494,7 @@ def _forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, 
     fuse_concat = has_global and fuse == "concat"
     weight = _stacked(weight_global, weight_local)
     c_pre = weight.shape[0]
-    configs = launch_configs(x.device, c_in, c_out, c_pre, t * w, x.stride(1) == 1)
+    configs = launch_configs(x.device, c_in, c_out, c_pre, t * w, x.stride(1) == 1, x.element_size())
     y, gates = _forward_outputs(x, c_out, c_pre, fuse_concat)
     _check_sample_extent(x=x, y=y)
     flags = dict(GEOM=cuts.geom_id, TERMS=TERMS.index(terms), HAS_GLOBAL=has_global, HAS_CUTS=has_cuts,
@@ -553,7 +555,7 @@ def _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, 
     slots = cuts.slots(h)
     weight = _stacked(weight_global, weight_local)
     c_pre = weight.shape[0]
-    configs = launch_configs(x.device, c_in, c_out, c_pre, t * w, x.stride(1) == 1)
+    configs = launch_configs(x.device, c_in, c_out, c_pre, t * w, x.stride(1) == 1, x.element_size())
     plane = t * h * w  # positions per sample
     _check_sample_extent(grad_y=grad_y)
     chunks = sample_chunks(n, c_pre * plane * x.element_size())  # by gpre's bytes per sample

@@ -176,6 +176,35 @@ def _real_implementation(op_name: str) -> Callable:
     return OPDEFS[op_name]._init_fn
 
 
+_VENDOR_CONVOLUTIONS = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+
+
+def _as_cudnn_would(func, args, out):
+    """Vendor convolutions in cuDNN's memory format: channels-last-3d in, channels-last-3d out.
+
+    On fake CPU tensors an fp16 ``conv3d`` (and its backward) returns contiguous tensors from
+    channels-last-3d inputs (the CPU's slow path), where cuDNN keeps channels-last-3d; without
+    this, the fp16 scenarios would capture the contiguous launches downstream of the first
+    convolution, not the trainer's layout. Only the format changes (fake tensors: no data)."""
+    backward = func is torch.ops.aten.convolution_backward.default
+    x, weight = (args[1], args[2]) if backward else (args[0], args[1])
+
+    def channels_last(t):
+        return t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+
+    # cuDNN's rule (cudnn_conv_suggest_memory_format): channels-last when the input or the weight
+    # is; with one input channel (the stem) only the weight can say so.
+    if x.dim() != 5 or not (channels_last(x) or channels_last(weight)):
+        return out
+
+    def fix(t):
+        if isinstance(t, torch.Tensor) and t.dim() == 5:
+            return t.contiguous(memory_format=torch.channels_last_3d)
+        return t
+
+    return tuple(fix(t) for t in out) if isinstance(out, tuple) else fix(out)
+
+
 class _OpInterceptor:
     """A dispatch mode that runs each ``fastgait::`` op's launcher (recording its launches)."""
 
@@ -191,7 +220,10 @@ class _OpInterceptor:
                     recorder.op = func._schema.name
                     _real_implementation(func._schema.name)(*args, **kwargs)
                     outer.ops.add(func._schema.name)
-                return func(*args, **kwargs)
+                out = func(*args, **kwargs)
+                if func in _VENDOR_CONVOLUTIONS:
+                    out = _as_cudnn_would(func, args, out)
+                return out
 
         self.mode = Mode()
         self.ops: set[str] = set()

@@ -287,6 +287,19 @@ def _cut_slots(t, h, w, offs_c, mask, start, size, H, stride_0s, stride_0t, stri
 
 
 @triton.jit
+def _cut_part(full, t, h, w, offs_c, mask, n, band_ptr, p_ptr, size, H, stride_0n, stride_0s, stride_0t, stride_0w,
+              stride_0c, GEOM: tl.constexpr, HAS_CUTS: tl.constexpr):
+    """``(cut, P)`` for a tile of sample ``n``: which elements lie on cut rows, and their ``P`` read
+    from the sample's fp32 slot rows (``cut_rows_p_kernel``); without cuts ``(mask, full)``."""
+    if HAS_CUTS:
+        start = _geometry_start(band_ptr, n, GEOM)
+        cut, p_offs = _cut_slots(t, h, w, offs_c, mask, start, size, H, stride_0s, stride_0t, stride_0w, stride_0c,
+                                 GEOM)
+        return cut, tl.load(p_ptr + n.to(tl.int64) * stride_0n + p_offs, mask=cut, other=0.0).to(tl.float32)
+    return mask, full
+
+
+@triton.jit
 def _local_branch(full, cut_part, cut, negative_slope, HAS_CUTS: tl.constexpr, TERMS: tl.constexpr):
     """The local branch and its gates from ``F`` and ``P`` (used on ``cut`` only), all ``[BM, BN]``."""
     local = _lrelu(full, negative_slope)
@@ -457,14 +470,8 @@ def cut_conv_forward_gemm_kernel(
     if HAS_GLOBAL:  # de-interleave the (global, local) column pairs
         glob, full = tl.split(tl.reshape(full, (BLOCK_M, BLOCK_N, 2)))
     mask = m_ok[:, None] & c_ok[None, :]
-    cut = mask
-    cut_part = full
-    if HAS_CUTS:
-        start = _geometry_start(band_ptr, n, GEOM)
-        cut, p_offs = _cut_slots(
-            t, h, w, offs_c, mask, start, size, H, stride_0s, stride_0t, stride_0w, stride_0c, GEOM
-        )
-        cut_part = tl.load(p_ptr + n.to(tl.int64) * stride_0n + p_offs, mask=cut, other=0.0).to(tl.float32)
+    cut, cut_part = _cut_part(full, t, h, w, offs_c, mask, n, band_ptr, p_ptr, size, H, stride_0n, stride_0s,
+                              stride_0t, stride_0w, stride_0c, GEOM, HAS_CUTS)
     _epilogue(
         glob, full, cut_part, cut, t, h, w, m_ok, mask, offs_c, H, C_out, slope,
         y_ptr + n.to(tl.int64) * stride_yn, stride_yc, stride_yt, stride_yh, stride_yw,
@@ -518,6 +525,52 @@ def conv3x3x3_kernel(
     out_offs = (t * stride_ot + h * stride_oh + w * stride_ow)[:, None] + offs_c[None, :] * stride_oc
     out_base = out_ptr + n.to(tl.int64) * stride_on
     tl.store(out_base + out_offs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _wgrad_k_block(k_block, C_in, stride_xc, stride_xt, stride_xh, stride_xw, BLOCK_K: tl.constexpr,
+                   C_BLOCKS: tl.constexpr):
+    """The K block ``k_block`` of a wgrad's implicit im2col (K flat over ``(kt, kh, kw, c)``):
+    ``k, k_ok [BK]``, ``tap`` (a scalar for an aligned K block, ``k_tiling``; else ``[BK]``) and
+    each column's offset from the output position in X, ``k_shift [BK]``."""
+    k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < 27 * C_in
+    if C_BLOCKS > 0:  # aligned K: the block is BLOCK_K channels of one tap (a scalar)
+        tap = k_block // C_BLOCKS
+        k_channel = tl.arange(0, BLOCK_K) + (k_block - tap * C_BLOCKS) * BLOCK_K
+    else:
+        tap = k // C_in
+        k_channel = k - tap * C_in
+    k_shift = (tap // 9 - 1) * stride_xt + ((tap // 3) % 3 - 1) * stride_xh + (tap % 3 - 1) * stride_xw
+    return k, k_ok, tap, k_shift + k_channel * stride_xc
+
+
+@triton.jit
+def _wgrad_src_mask(taps_ok, tap, k_ok, C_BLOCKS: tl.constexpr):
+    """Which im2col elements count: ``[BM, 1]`` for an aligned K block (one tap), else ``[BM, BK]``."""
+    if C_BLOCKS > 0:  # (one return: Triton refuses returns of different shapes, even in a static if)
+        ok = (((taps_ok >> tap) & 1) != 0)[:, None]
+    else:
+        ok = (((taps_ok[:, None] >> tap[None, :]) & 1) != 0) & k_ok[None, :]
+    return ok
+
+
+@triton.jit
+def _first_row_tile(q, row_tiles, ROWS):
+    """Tile ``q`` of a reduction over rows ``(n, row)`` (``ROWS`` per sample), each cut into
+    ``row_tiles`` tiles: ``(chunk, row, n)``. ``_next_row_tile`` steps it without dividing."""
+    row_id = q // row_tiles
+    n = row_id // ROWS
+    return q - row_id * row_tiles, row_id - n * ROWS, n
+
+
+@triton.jit
+def _next_row_tile(chunk, row, n, row_tiles, ROWS):
+    chunk += 1
+    row_end = chunk == row_tiles
+    row += row_end.to(tl.int32)
+    sample_end = row == ROWS
+    return tl.where(row_end, 0, chunk), tl.where(sample_end, 0, row), n + sample_end.to(tl.int32)
 
 
 @triton.jit
@@ -576,27 +629,14 @@ def conv3x3x3_wgrad_kernel(
     o_block = pid // k_blocks
     offs_o = o_block * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
     o_ok = offs_o < C_grad
-    k_block = pid - o_block * k_blocks
-    k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK] flat (kt, kh, kw, c)
-    k_ok = k < 27 * C_in
-    if C_BLOCKS > 0:  # aligned K: the block is BLOCK_K channels of one tap (a scalar)
-        tap = k_block // C_BLOCKS
-        k_channel = tl.arange(0, BLOCK_K) + (k_block - tap * C_BLOCKS) * BLOCK_K
-    else:
-        tap = k // C_in
-        k_channel = k - tap * C_in
-    k_shift = (tap // 9 - 1) * stride_xt + ((tap // 3) % 3 - 1) * stride_xh + (tap % 3 - 1) * stride_xw
-    k_shift += k_channel * stride_xc  # [BK]
+    k, k_ok, tap, k_shift = _wgrad_k_block(pid - o_block * k_blocks, C_in, stride_xc, stride_xt, stride_xh,
+                                           stride_xw, BLOCK_K, C_BLOCKS)  # [BK] flat (kt, kh, kw, c)
 
     row_tiles = tl.cdiv(T * W, BLOCK_M)
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
     q_begin = split * tiles_per_split
     q_end = tl.minimum(q_begin + tiles_per_split, tiles)
-    # The tile q's (n, slot) row and chunk within it, stepped along (no division in the loop).
-    row_id = q_begin // row_tiles
-    chunk = q_begin - row_id * row_tiles
-    n = row_id // SLOTS
-    slot = row_id - n * SLOTS
+    chunk, slot, n = _first_row_tile(q_begin, row_tiles, SLOTS)  # stepped along: no division in the loop
     for q in range(q_begin, q_end):
         offs_m = chunk * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] (t, w) positions of the row
         m_ok = offs_m < T * W
@@ -624,21 +664,12 @@ def conv3x3x3_wgrad_kernel(
             mask=grad_ok[:, None] & o_ok[None, :],
             other=0.0,
         )  # [BM, BO]
-        if C_BLOCKS > 0:
-            src_ok = (((taps_ok >> tap) & 1) != 0)[:, None]  # [BM, 1]: one tap per block
-        else:
-            src_ok = (((taps_ok[:, None] >> tap[None, :]) & 1) != 0) & k_ok[None, :]  # [BM, BK]
+        src_ok = _wgrad_src_mask(taps_ok, tap, k_ok, C_BLOCKS)
         x_base = x_ptr + n.to(tl.int64) * stride_xn
         x_pos = t * stride_xt + row * stride_xh + w * stride_xw  # [BM]
         src = tl.load(x_base + (x_pos[:, None] + k_shift[None, :]), mask=src_ok, other=0.0)  # [BM, BK]
         acc = tl.dot(tl.trans(grad), src, acc)  # [BO, BK]
-        chunk += 1
-        row_end = chunk == row_tiles
-        chunk = tl.where(row_end, 0, chunk)
-        slot += row_end.to(tl.int32)
-        sample_end = slot == SLOTS
-        slot = tl.where(sample_end, 0, slot)
-        n += sample_end.to(tl.int32)
+        chunk, slot, n = _next_row_tile(chunk, slot, n, row_tiles, SLOTS)
     out_offs = (split * C_grad + offs_o).to(tl.int64)[:, None] * (27 * C_in) + k[None, :]
     tl.store(out_ptr + out_offs, acc, mask=o_ok[:, None] & k_ok[None, :])
 
@@ -768,14 +799,8 @@ def cut_conv_epilogue_kernel(
     glob = full
     if HAS_GLOBAL:
         glob = tl.load(pre_base + (pre_offs + offs_c[None, :] * stride_pc), mask=mask, other=0.0).to(tl.float32)
-    cut = mask
-    cut_part = full
-    if HAS_CUTS:
-        start = _geometry_start(band_ptr, n, GEOM)
-        cut, p_offs = _cut_slots(
-            t, h, w, offs_c, mask, start, size, H, stride_0s, stride_0t, stride_0w, stride_0c, GEOM
-        )
-        cut_part = tl.load(p_ptr + n.to(tl.int64) * stride_0n + p_offs, mask=cut, other=0.0).to(tl.float32)
+    cut, cut_part = _cut_part(full, t, h, w, offs_c, mask, n, band_ptr, p_ptr, size, H, stride_0n, stride_0s,
+                              stride_0t, stride_0w, stride_0c, GEOM, HAS_CUTS)
     _epilogue(
         glob, full, cut_part, cut, t, h, w, m_ok, mask, offs_c, H, C_out, slope,
         y_ptr + n.to(tl.int64) * stride_yn, stride_yc, stride_yt, stride_yh, stride_yw,

@@ -42,7 +42,10 @@ def unit_mask_kernel(seed_ptr, keep_ptr, bits_ptr, uniform_ptr, H, W, threshold,
 # col_start)``; nothing mask-shaped, and no masked copy of X, exists in memory.
 # ----------------------------------------------------------------------------------------
 
-from .conv_engine import _accumulate_row_taps, _div_small, _lrelu, _offset_bits, _sample_tile, _slope_of, _spread_bits  # noqa: E402
+from .conv_engine import (  # noqa: E402
+    _accumulate_row_taps, _div_small, _first_row_tile, _lrelu, _next_row_tile, _offset_bits, _sample_tile, _slope_of,
+    _spread_bits, _wgrad_k_block, _wgrad_src_mask,
+)
 
 REGION_UNIT = tl.constexpr(0)
 REGION_BAND = tl.constexpr(1)
@@ -292,27 +295,15 @@ def rm_masked_wgrad_kernel(
     o_block = pid // k_blocks
     offs_o = o_block * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = offs_o < C_all
-    k_block = pid - o_block * k_blocks
-    k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = k < 27 * C_in
-    if C_BLOCKS > 0:  # aligned K (``k_tiling``): the block is BLOCK_K channels of one tap (a scalar)
-        tap = k_block // C_BLOCKS
-        k_channel = tl.arange(0, BLOCK_K) + (k_block - tap * C_BLOCKS) * BLOCK_K
-    else:
-        tap = k // C_in
-        k_channel = k - tap * C_in
-    k_shift = (tap // 9 - 1) * stride_xt + ((tap // 3) % 3 - 1) * stride_xh + (tap % 3 - 1) * stride_xw
-    k_shift += k_channel * stride_xc
+    k, k_ok, tap, k_shift = _wgrad_k_block(pid - o_block * k_blocks, C_in, stride_xc, stride_xt, stride_xh,
+                                           stride_xw, BLOCK_K, C_BLOCKS)
     seed, row_start, col_start, offset = _mask_params(params_ptr, REGION)
 
     row_tiles = tl.cdiv(T * W, BLOCK_M)
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
     q_begin = split * tiles_per_split
     q_end = tl.minimum(q_begin + tiles_per_split, tiles)
-    row_id = q_begin // row_tiles  # tile q's (n, r) window row and chunk, stepped along in the loop
-    chunk = q_begin - row_id * row_tiles
-    n = row_id // WR
-    r = row_id - n * WR
+    chunk, r, n = _first_row_tile(q_begin, row_tiles, WR)  # tile q's (n, r) window row and chunk, stepped along
     for q in range(q_begin, q_end):
         row = offset + r
         offs_m = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -333,19 +324,10 @@ def rm_masked_wgrad_kernel(
             mask=grad_ok[:, None] & o_ok[None, :],
             other=0.0,
         )
-        if C_BLOCKS > 0:
-            src_ok = (((taps_ok >> tap) & 1) != 0)[:, None]
-        else:
-            src_ok = (((taps_ok[:, None] >> tap[None, :]) & 1) != 0) & k_ok[None, :]
+        src_ok = _wgrad_src_mask(taps_ok, tap, k_ok, C_BLOCKS)
         x_pos = t * stride_xt + row * stride_xh + w * stride_xw
         src = tl.load(x_ptr + n.to(tl.int64) * stride_xn + (x_pos[:, None] + k_shift[None, :]), mask=src_ok, other=0.0)
         acc = tl.dot(tl.trans(grad.to(src.dtype)), src, acc)
-        chunk += 1
-        row_end = chunk == row_tiles
-        chunk = tl.where(row_end, 0, chunk)
-        r += row_end.to(tl.int32)
-        sample_end = r == WR
-        r = tl.where(sample_end, 0, r)
-        n += sample_end.to(tl.int32)
+        chunk, r, n = _next_row_tile(chunk, r, n, row_tiles, WR)
     out_offs = (split * C_all + offs_o).to(tl.int64)[:, None] * (27 * C_in) + k[None, :]
     tl.store(out_ptr + out_offs, acc, mask=o_ok[:, None] & k_ok[None, :])

@@ -717,7 +717,7 @@ def model_variant(config, provider: str, variant: str) -> Result:
 # The CLI
 # ---------------------------------------------------------------------------------------------
 
-MLA_PROVIDERS = ("reference-eager", "torch", "triton-hybrid", "triton-gemm")
+MLA_PROVIDERS = ("reference-eager", "torch", "triton-hybrid", "triton-hybrid2d", "triton-gemm")
 OTHER_PROVIDERS = {"gem_hpp": ("reference-eager", "triton"), "triplet_loss": ("reference-eager", "triton")}
 
 

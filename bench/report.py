@@ -21,9 +21,9 @@ from bench._results import BASELINES, TARGETS, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-PROVIDER_ORDER = ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm", "triton-auto",
-                  "triton", "fastgait-eager", "fastgait")
-DESIGN_ORDER = ("hybrid", "gemm")  # the row-cut engine's designs, as fastgait.ops.conv_engine.DESIGNS
+PROVIDER_ORDER = ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-hybrid2d", "triton-gemm",
+                  "triton-auto", "triton-unchunked", "triton", "fastgait-eager", "fastgait")
+DESIGN_ORDER = ("hybrid", "hybrid2d", "gemm")  # the row-cut engine's designs, as fastgait.ops.conv_engine.DESIGNS
 OPS = (("mla_conv3d", "Fused MLA block (`mla_conv3d`)"),
        ("conv3x3x3", "The MLA blocks' stacked 3x3x3 convolution in the vendor's forms (`bench/test_conv_forms.py`)"),
        ("gem_hpp", "GeM over strips with temporal max (`gem_hpp`)"),
@@ -214,8 +214,8 @@ def design_section(rows: list[dict]) -> list[str]:
             f"{entry.get('dtype')}, {entry.get('layout')}", f"**{entry.get('choice')}**",
             *[fmt(timings.get(d), ".3g") for d in designs], str(entry.get("how")),
         ])
-    note = ("The row-cut engine's default design, `auto`, times both designs on a shape's first call and keeps the "
-            "faster, the forward (`fwd`) and the backward (`bwd`) apart; ms: median of its CUDA-event timings.")
+    note = ("The row-cut engine's default design, `auto`, times every design on a shape's first call and keeps the "
+            "fastest, the forward (`fwd`) and the backward (`bwd`) apart; ms: median of its CUDA-event timings.")
     return ["### Design chosen per shape", "", note, ""] + table(header, body) + [""]
 
 

@@ -64,7 +64,7 @@ def shrink(config: GeMConfig) -> GeMConfig:
 
 
 def cases(mode: h.Mode) -> list[h.Case]:
-    return h.op_cases(mode.pick(PAPER, SMOKE, shrink), PROVIDERS)
+    return h.op_cases(mode.pick(PAPER, SMOKE, shrink), PROVIDERS, compiled_priority=h.PRIORITY["compiled-op"])
 
 
 class GeMBench(h.OpBench):
@@ -101,3 +101,15 @@ class GeMBench(h.OpBench):
 
 def test_gem(benchmark, bench, case):
     h.run_op_case(benchmark, bench, GeMBench(), case)
+
+
+def test_compiled_references_run_after_the_eager_rows(bench):
+    """GeM's and triplet's ``reference-compiled`` rows (73 s and 29 s of torch.compile on the first
+    H200 run) come after every eager row of the run, so a time budget cuts them first."""
+    from bench import test_triplet
+
+    for all_cases in (cases(bench.mode), test_triplet.cases(bench.mode)):
+        compiled = [case for case in all_cases if case.provider == h.COMPILED]
+        assert compiled and all(case.priority == max(case.config.priority, h.PRIORITY["compiled-op"])
+                                for case in compiled)
+        assert all(case.priority == case.config.priority for case in all_cases if case.provider != h.COMPILED)

@@ -3,9 +3,12 @@
 Providers: ``reference-eager`` (``impl="reference"``: three cuDNN convolutions on masked copies,
 under bf16 autocast with channels-last-3d inputs, the fair baseline of fused_ops.md §1),
 ``reference-compiled`` (the same, ``torch.compile``'d), ``torch`` (the band-aware PyTorch path),
-``triton-hybrid`` and ``triton-gemm`` (``fastgait.ops.mla.mla_conv3d_triton``'s two designs) and
+``triton-hybrid``, ``triton-hybrid2d`` and ``triton-gemm`` (``fastgait.ops.mla.mla_conv3d_triton``'s
+designs; hybrid2d is the hybrid with cuDNN's 2-D kernels over frame-stacked channels) and
 ``triton-auto`` (the default: the faster design per shape, forward and backward chosen apart by
-timing; the row's ``design_choices`` say what it chose and the timings it chose by).
+timing; the row's ``design_choices`` say what it chose and the timings it chose by), and
+``triton-unchunked`` (``triton-auto`` with ``FASTGAIT_CHUNK_MIB=0``: the whole batch in one chunk;
+fwd+bwd only): beside ``triton-auto``, what the sample chunks cost in time and save in peak memory.
 
 FLOPs of one forward, with ``conv = 2·N·C_in·C_out·27·T·H·W`` (one 3×3×3 convolution):
 - reference (executed): ``3·conv`` (global, and the local weight on ``X·M0`` and on ``X·M1``);
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 import pytest
 import torch
 
+import fastgait.ops.conv_engine as conv_engine
 import fastgait.ops.mla as mla_module
 from bench import _harness as h
 from fastgait.ops import band_height, mla_conv3d
@@ -31,7 +35,9 @@ pytestmark = [h.TIMED, pytest.mark.filterwarnings("ignore:Dynamo detected a call
 
 OP = "mla_conv3d"
 DROP_RATIO = 0.4  # GaitMask's band: floor(0.4 * H) rows
-PROVIDERS = ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm", "triton-auto")
+PROVIDERS = ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-hybrid2d", "triton-gemm",
+             "triton-auto", "triton-unchunked")
+UNCHUNKED = "triton-unchunked"
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,8 @@ def shrink(config: MLAConfig) -> MLAConfig:
 
 
 def cases(mode: h.Mode) -> list[h.Case]:
-    return h.op_cases(mode.pick(PAPER, SMOKE, shrink), PROVIDERS)
+    return [case for case in h.op_cases(mode.pick(PAPER, SMOKE, shrink), PROVIDERS)
+            if case.provider != UNCHUNKED or case.pass_ == "fwd+bwd"]
 
 
 def flops(config: MLAConfig, band_aware: bool) -> float:
@@ -124,7 +131,7 @@ class MLABench(h.OpBench):
             return bench.compile(run("reference"), key=(OP, config.name, provider))
         if provider == "torch":
             return run("torch")
-        design = provider.removeprefix("triton-")
+        design = "auto" if provider == UNCHUNKED else provider.removeprefix("triton-")
         fused = getattr(mla_module, "mla_conv3d_triton", None)
         if fused is None or design not in getattr(mla_module, "DESIGN_CHOICES", getattr(mla_module, "DESIGNS", ())):
             pytest.skip(f"fastgait.ops.mla has no mla_conv3d_triton(..., design={design!r}) yet")
@@ -142,7 +149,9 @@ class MLABench(h.OpBench):
         return h.pass_work(pass_, fwd, bwd)
 
 
-def test_mla(benchmark, bench, case):
+def test_mla(benchmark, bench, case, monkeypatch):
+    if case.provider == UNCHUNKED:  # read at each call, the backward's included
+        monkeypatch.setenv(conv_engine.CHUNK_ENV, "0")
     h.run_op_case(benchmark, bench, MLABench(), case)
 
 

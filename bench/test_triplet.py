@@ -62,7 +62,7 @@ def shrink(config: TripletConfig) -> TripletConfig:
 
 
 def cases(mode: h.Mode) -> list[h.Case]:
-    return h.op_cases(mode.pick(PAPER, SMOKE, shrink), PROVIDERS)
+    return h.op_cases(mode.pick(PAPER, SMOKE, shrink), PROVIDERS, compiled_priority=h.PRIORITY["compiled-op"])
 
 
 class TripletBench(h.OpBench):

@@ -810,7 +810,7 @@ def cut_conv_epilogue_kernel(
 
 
 # ----------------------------------------------------------------------------------------
-# Backward, shared by both designs: the gated gradient, and the delta terms
+# Backward, shared by all designs: the gated gradient, and the delta terms
 # ----------------------------------------------------------------------------------------
 
 
@@ -969,3 +969,50 @@ def cut_conv_delta_dgrad_kernel(
         mask = m_ok[:, None] & c_ok[None, :]
         old = tl.load(dx_base + dx_offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_base + dx_offs, (old + acc).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------
+# The "hybrid2d" design: the vendor's 2-D convolution over frame-stacked channels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def fold_frames_kernel(
+    ds_ptr,
+    dx_ptr,
+    T,
+    H,
+    W,
+    C,
+    stride_sn,
+    stride_sc,
+    stride_st,
+    stride_sh,
+    stride_sw,
+    stride_xn,
+    stride_xc,
+    stride_xt,
+    stride_xh,
+    stride_xw,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dX of a same-padded 3x3x3 convolution done as a 2-D one over stacked frames: frame ``t`` of
+    the stacked input holds ``x[t-1], x[t], x[t+1]`` (``C`` channels each, zeros beyond the clip),
+    so ``dX[t] = dS[t+1][0:C] + dS[t][C:2C] + dS[t-1][2C:3C]``, summed in fp32 and rounded once.
+
+    Grid: ``(cdiv(T*H*W, BLOCK_M), cdiv(C, BLOCK_N), n)``. ds_ptr: the stacked frames' gradient
+    ``[n, 3C, T, H, W]`` (strides ``stride_s*``); dx_ptr ``[n, C, T, H, W]`` (strides ``stride_x*``).
+    """
+    n, t, h, w, m_ok, offs_c, c_ok = _sample_tile(T, H, W, C, BLOCK_M, BLOCK_N)
+    mask = m_ok[:, None] & c_ok[None, :]
+    src = ds_ptr + n.to(tl.int64) * stride_sn + (
+        (t * stride_st + h * stride_sh + w * stride_sw)[:, None] + offs_c[None, :] * stride_sc
+    )
+    acc = tl.load(src + C * stride_sc, mask=mask, other=0.0).to(tl.float32)
+    acc += tl.load(src + stride_st, mask=mask & (t + 1 < T)[:, None], other=0.0).to(tl.float32)
+    acc += tl.load(src + (2 * C * stride_sc - stride_st), mask=mask & (t > 0)[:, None], other=0.0).to(tl.float32)
+    dst = dx_ptr + n.to(tl.int64) * stride_xn + (
+        (t * stride_xt + h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :] * stride_xc
+    )
+    tl.store(dst, acc.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -146,7 +146,7 @@ def test_choices_persist_under_fastgait_cache(monkeypatch, tmp_path):
 
 def test_engine_designs():
     assert conv_engine.DEFAULT_DESIGN == "auto"
-    assert conv_engine.DESIGN_CHOICES == ("auto", "hybrid", "gemm")
+    assert conv_engine.DESIGN_CHOICES == ("auto", "hybrid", "hybrid2d", "gemm")
     assert conv_engine.CHOOSER.candidates == conv_engine.DESIGNS
     assert conv_engine.CHOOSER.fallback == conv_engine.FALLBACK_DESIGN
     assert conv_engine.CHOOSER.env_var == conv_engine.DESIGN_ENV == "FASTGAIT_CONV_DESIGN"

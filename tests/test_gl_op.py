@@ -101,10 +101,11 @@ def test_more_seeds_triton_default(seed):
     check_against_reference("triton-hybrid", replace(CASES["equal-concat"], seed=seed, h=12, halving=1))
 
 
-@pytest.mark.parametrize("forward, backward", [("gemm", "hybrid"), ("hybrid", "gemm")])
+@pytest.mark.parametrize("forward, backward", [("gemm", "hybrid"), ("hybrid", "gemm"), ("hybrid2d", "hybrid"),
+                                               ("hybrid", "hybrid2d")])
 def test_auto_may_mix_designs_forward_and_backward(monkeypatch, forward, backward):
     """design="auto" resolves the forward and the backward apart (strips, terms "rest"): either
-    backward after either forward gives the reference's gradients."""
+    backward after any forward gives the reference's gradients."""
     from fastgait.ops import conv_engine
 
     picked = {"fwd": forward, "bwd": backward}

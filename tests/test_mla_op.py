@@ -136,10 +136,12 @@ def test_triton_impl_runs_the_default_design_and_takes_int32_bands():
 
 
 @pytest.mark.parametrize("forward, backward, case_name", [("gemm", "hybrid", "per-sample"),
-                                                       ("hybrid", "gemm", "top-concat")])
+                                                       ("hybrid", "gemm", "top-concat"),
+                                                       ("hybrid2d", "gemm", "per-sample"),
+                                                       ("gemm", "hybrid2d", "top-concat")])
 def test_auto_may_mix_designs_forward_and_backward(monkeypatch, forward, backward, case_name):
-    """design="auto" resolves the forward and the backward apart; both forwards save the same
-    (y, gates), so either backward gives the reference's gradients after either forward."""
+    """design="auto" resolves the forward and the backward apart; every forward saves the same
+    (y, gates), so any backward gives the reference's gradients after any forward."""
     from fastgait.ops import conv_engine
 
     picked = {"fwd": forward, "bwd": backward}

@@ -11,18 +11,21 @@ read across the border; the local branch is ``lrelu(P) + lrelu(F - P)`` (terms `
 Paths:
 - ``cut_conv3d_torch``: the engine in plain PyTorch (autograd derives the backward); the CPU path.
 - ``cut_conv3d_triton``: the fused op ``fastgait::cut_conv3d`` (+ ``fastgait::cut_conv3d_backward``),
-  registered with ``torch.library``, in two designs: ``"hybrid"`` (vendor convolution for
+  registered with ``torch.library``, in three designs: ``"hybrid"`` (vendor convolution for
   ``[G; F]``, Triton kernels for ``P`` on the cut rows and the epilogue; vendor dgrad/wgrad plus
-  Triton kernels for the cut rows' terms) and ``"gemm"`` (Triton implicit GEMM throughout).
+  Triton kernels for the cut rows' terms), ``"hybrid2d"`` (the same, with the vendor's
+  convolution done as a 2-D one over frame-stacked channels: cuDNN's NHWC 2-D kernels, its most
+  tuned, instead of its 3-D ones; see ``_frame_stacked_conv``) and ``"gemm"`` (Triton implicit
+  GEMM throughout).
 
-Designs. ``design="auto"`` (the default) picks per shape, by timing both designs on the GPU
+Designs. ``design="auto"`` (the default) picks per shape, by timing the designs on the GPU
 (``fastgait.ops._autotune``): the forward and the backward separately, each keyed by
 direction, x's shape, dtype and layout, ``c_out``, global branch, fuse, terms, geometry, cut
 size, whether rows are cut, and the GPU's name. The designs' forwards save the same
 ``(y, gates)`` (the same epilogue writes both), so any forward pairs with any backward. Off
 CUDA (the interpreter, the compile gate's fake tensors) and during CUDA-graph capture "auto"
-is ``FALLBACK_DESIGN``, untimed. ``FASTGAIT_CONV_DESIGN=hybrid|gemm|auto`` overrides what
-"auto" resolves to (an explicit ``design="hybrid"``/``"gemm"`` is always obeyed). With
+is ``FALLBACK_DESIGN``, untimed. ``FASTGAIT_CONV_DESIGN=hybrid|hybrid2d|gemm|auto`` overrides
+what "auto" resolves to (an explicit ``design=`` other than "auto" is always obeyed). With
 ``$FASTGAIT_CACHE`` set, timed choices persist in ``$FASTGAIT_CACHE/autotune/cut_conv3d.json``.
 
 The ops that use it validate their inputs; the engine assumes valid ones.
@@ -48,16 +51,18 @@ OP = "cut_conv3d"
 GEOMETRIES = ("band", "strips")
 TERMS = ("pair", "rest")
 FUSES = ("add", "concat")
-DESIGNS = ("hybrid", "gemm")  # the two implementations
+DESIGNS = ("hybrid", "hybrid2d", "gemm")  # the implementations
 DESIGN_CHOICES = ("auto",) + DESIGNS  # what ``design`` accepts
-DESIGN_ENV = "FASTGAIT_CONV_DESIGN"  # hybrid | gemm | auto: overrides what "auto" resolves to
+DESIGN_ENV = "FASTGAIT_CONV_DESIGN"  # hybrid | hybrid2d | gemm | auto: overrides what "auto" resolves to
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The default is "auto": each shape's forward and backward run the design that was faster on
 # this GPU (timed once per process, logged; see the module docstring). Which design wins
 # depends on shape and GPU: the first H200 run (shared/measurements/2026-11-30-nvidia-h200*,
 # before the gemm design's rewrite) had hybrid ahead at every CASIA-B shape (MLA fwd+bwd,
-# hybrid 0.65-0.99x the eager reference, gemm 2.0-3.7x). `pytest bench --benchmark` records
+# hybrid 0.65-0.99x the eager reference, gemm 2.0-3.7x; hybrid2d did not exist yet: it is the
+# hybrid on cuDNN's 2-D NHWC kernels, its most tuned, where its 3-D ones reached 200-500 TFLOP/s;
+# not measured yet). `pytest bench --benchmark` records
 # what "auto" chose per shape (provider triton-auto, and the step's design_choices); delete a
 # design once it never wins.
 DEFAULT_DESIGN = "auto"
@@ -286,6 +291,7 @@ def launch_configs(
         "delta_dgrad": dict(BLOCK_M=row, BLOCK_N=block(c_in, 64, 16), **k_tiling(c_out, k_cap(c_out, c_in), gpu),
                             num_warps=8),
         "elementwise": dict(BLOCK_M=64 if gpu else 128, BLOCK_N=block(c_out, 32, 16), num_warps=8),
+        "fold": dict(BLOCK_M=64 if gpu else 128, BLOCK_N=block(c_in, 32, 16), num_warps=4),
         "wgrad": dict(BLOCK_M=64 if gpu else 256, BLOCK_O=_block(c_pre, 16, 128), num_warps=8),
     }
 
@@ -332,6 +338,74 @@ def _forward_pack(weight: torch.Tensor) -> torch.Tensor:
 def _dgrad_pack(weight: torch.Tensor) -> torch.Tensor:
     """The flipped, transposed kernel, packed: ``[kh, kt, kw, c_dst, c_src]`` (dgrad = a forward conv)."""
     return _forward_pack(weight.flip(2, 3, 4).transpose(0, 1))
+
+
+def _frames(t5: torch.Tensor) -> torch.Tensor:
+    """``[n, c, t, h, w] -> [n*t, c, h, w]``: the frames as a batch (a view when ``t5`` is channels-last-3d)."""
+    n, c, t, h, w = t5.shape
+    return t5.permute(0, 2, 3, 4, 1).reshape(n * t, h, w, c).permute(0, 3, 1, 2)
+
+
+def _clips(frames: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n*t, c, h, w] -> [n, c, t, h, w]``, the inverse of ``_frames`` (a view when ``frames`` is channels-last)."""
+    nt, c, h, w = frames.shape
+    return frames.permute(0, 2, 3, 1).reshape(n, nt // n, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+def _stacked_frames(x: torch.Tensor) -> torch.Tensor:
+    """``[n*t, 3c, h, w]``, channels-last: frame ``t`` holds ``x[t-1], x[t], x[t+1]`` along channels
+    (zeros beyond the clip), the input of a same-padded 3x3x3 convolution as a 2-D one."""
+    n, c, t, h, w = x.shape
+    src = x.permute(0, 2, 3, 4, 1)  # [n, t, h, w, c]
+    stacked = _alloc.empty(n, t, h, w, 3 * c, dtype=x.dtype, device=x.device)
+    stacked[:, 1:, :, :, :c] = src[:, :-1]
+    stacked[:, :1, :, :, :c] = 0
+    stacked[:, :, :, :, c : 2 * c] = src
+    stacked[:, :-1, :, :, 2 * c :] = src[:, 1:]
+    stacked[:, -1:, :, :, 2 * c :] = 0
+    return stacked.view(n * t, h, w, 3 * c).permute(0, 3, 1, 2)
+
+
+def _frame_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[c_dst, c_src, 3, 3, 3] -> [c_dst, 3*c_src, 3, 3]`` (input channel ``k*c_src + c`` is frame
+    tap ``k``), channels-last: cuDNN then runs NHWC kernels, the dgrad's included."""
+    c_dst, c_src = weight.shape[:2]
+    return weight.permute(0, 2, 1, 3, 4).reshape(c_dst, 3 * c_src, 3, 3).contiguous(memory_format=torch.channels_last)
+
+
+def _frame_stacked_conv(x: torch.Tensor, frame_weight: torch.Tensor) -> torch.Tensor:
+    """The "hybrid2d" forward: ``F.conv3d(x, weight, padding=1)`` as one 2-D convolution of the
+    stacked frames (``_stacked_frames``, a temporary three times x's size) with ``_frame_weight``;
+    equal up to summation order (one fp32 accumulation, one rounding, as the 3-D one)."""
+    return _clips(F.conv2d(_stacked_frames(x), frame_weight, padding=1), x.shape[0])
+
+
+def _frame_stacked_conv_backward(grad: torch.Tensor, x: torch.Tensor, frame_weight: torch.Tensor,
+                                 dx: torch.Tensor, config: dict) -> torch.Tensor:
+    """The "hybrid2d" backward of ``_frame_stacked_conv``: writes dX into ``dx`` and returns dW
+    ``[c_dst, c_src, 3, 3, 3]`` (fp32). The wgrad first, with the stacked frames rebuilt and freed
+    after it; then the dgrad of the stacked frames (three times x's size), folded back into dX by
+    ``fold_frames_kernel`` (the three taps summed in fp32, rounded once)."""
+    n, c_in, t, h, w = x.shape
+    grad2d = _frames(grad)
+    stacked = _stacked_frames(x)
+    dw2d = torch.ops.aten.convolution_backward(
+        grad2d, stacked, frame_weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
+    )[1]
+    shape = stacked.shape
+    del stacked
+    # dgrad alone: the input only gives its shape (a stride-0 view); the channels-last weight keeps cuDNN in NHWC
+    dstacked = torch.ops.aten.convolution_backward(
+        grad2d, grad2d.new_empty(1).expand(shape), frame_weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+        [True, False, False],
+    )[0]
+    ds = _clips(dstacked, n)  # [n, 3c, t, h, w]
+    _check_sample_extent(ds=ds)
+    _kernels().fold_frames_kernel[(_cdiv(t * h * w, config["BLOCK_M"]), _cdiv(c_in, config["BLOCK_N"]), n)](
+        ds, dx, t, h, w, c_in, *ds.stride(), *dx.stride(), **config
+    )
+    del dstacked, ds
+    return dw2d.float().reshape(dw2d.shape[0], 3, c_in, 3, 3).permute(0, 2, 1, 3, 4)
 
 
 def gate_bytes(c_out: int, c_pre: int) -> int:
@@ -396,7 +470,7 @@ def cut_conv3d_triton(
     """The fused op; under autocast, x and the weights are cast first (custom ops are not
     auto-cast), like autocast does for ``F.conv3d``. ``op`` names the caller in errors.
     ``design``: ``"auto"`` (resolved per shape inside the op, forward and backward apart; see
-    the module docstring), ``"hybrid"`` or ``"gemm"``."""
+    the module docstring), ``"hybrid"``, ``"hybrid2d"`` or ``"gemm"``."""
     if design not in DESIGN_CHOICES:
         raise ValueError(f"{op}: design must be one of {DESIGN_CHOICES}, got {design!r}")
     dtype = compute_dtype(x)
@@ -438,8 +512,8 @@ def _slot_rows(x, slots, c, dtype=None):
 CHUNK_BYTES = 128 << 20
 MIN_CHUNK_SAMPLES = 16
 # FASTGAIT_CHUNK_MIB overrides CHUNK_BYTES (in MiB; 0: no chunks, the whole batch at once), read
-# at each call: to measure what the chunks cost in time, e.g. `FASTGAIT_CHUNK_MIB=0 pytest bench
-# --benchmark -k MLA` beside the default run.
+# at each call: the MLA bench's `triton-unchunked` provider sets it to 0 beside `triton-auto`, so
+# one run measures what the chunks cost in time and save in memory.
 CHUNK_ENV = "FASTGAIT_CHUNK_MIB"
 
 
@@ -503,7 +577,9 @@ def _forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, 
     p_pack = _forward_pack(weight_local) if has_cuts else None
     gemm_pack = _forward_pack(_interleaved(weight_global, weight_local)) if design == "gemm" else None
     p_bytes = slots * t * w * c_out * 4 if has_cuts else 0
-    pre_bytes = 0 if design == "gemm" else c_pre * plane * x.element_size()
+    # the biggest temporary: the vendor's [G; F] (hybrid), or the stacked frames (hybrid2d)
+    pre_bytes = {"gemm": 0, "hybrid": c_pre, "hybrid2d": max(c_pre, 3 * c_in)}[design] * plane * x.element_size()
+    frame_weight = _frame_weight(weight) if design == "hybrid2d" else None
     for rows in sample_chunks(n, max(pre_bytes, p_bytes)):
         xs, ys, gs, cs = x[rows], y[rows], gates[rows], cuts.chunk(rows)
         m = xs.shape[0]
@@ -525,7 +601,8 @@ def _forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, 
                 **config,
             )  # fmt: skip
         else:
-            pre = F.conv3d(xs, weight, padding=1)  # [G; F] by the vendor, a temporary of this chunk
+            # [G; F] by the vendor, a temporary of this chunk
+            pre = F.conv3d(xs, weight, padding=1) if design == "hybrid" else _frame_stacked_conv(xs, frame_weight)
             _check_sample_extent(pre=pre)
             config = configs["elementwise"]
             kernels.cut_conv_epilogue_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), m)](
@@ -544,7 +621,8 @@ def _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, 
     In chunks of samples (``sample_chunks``, sized by ``gpre``, the biggest temporary): per chunk
     ``gpre`` ``[m, c_pre, t, h, w]`` and ``delta`` (the cut slots' dY/dP), the dgrad into the
     chunk's slice of ``dx`` (hybrid: the vendor's chunk-sized dX, copied into place when there is
-    more than one chunk), the wgrad, and the delta terms; ``gpre`` is freed before the delta terms.
+    more than one chunk; hybrid2d: folded into place from the stacked frames' dgrad), the wgrad,
+    and the delta terms; ``gpre`` is freed before the delta terms.
     dW: an fp32 sum over the chunks, in chunk order.
     """
     kernels = _kernels()
@@ -558,10 +636,12 @@ def _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, 
     configs = launch_configs(x.device, c_in, c_out, c_pre, t * w, x.stride(1) == 1, x.element_size())
     plane = t * h * w  # positions per sample
     _check_sample_extent(grad_y=grad_y)
-    chunks = sample_chunks(n, c_pre * plane * x.element_size())  # by gpre's bytes per sample
+    # by the biggest temporary's bytes per sample: gpre, or (hybrid2d) the stacked frames' gradient
+    chunks = sample_chunks(n, max(c_pre, 3 * c_in if design == "hybrid2d" else 0) * plane * x.element_size())
     dgrad_pack = _dgrad_pack(weight) if design == "gemm" else None
     delta_pack = _dgrad_pack(weight_local) if has_cuts else None
-    dx = _empty_activation(n, c_in, t, h, w, like=x) if design == "gemm" or len(chunks) > 1 else None
+    frame_weight = _frame_weight(weight) if design == "hybrid2d" else None
+    dx = _empty_activation(n, c_in, t, h, w, like=x) if design != "hybrid" or len(chunks) > 1 else None
     dweight = None
     for rows in chunks:
         xs, gys, gs, cs = x[rows], grad_y[rows], gates[rows], cuts.chunk(rows)
@@ -586,6 +666,9 @@ def _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, 
                 gpre, dgrad_pack, dxs, t, h, w, c_pre, c_in, *gpre.stride(), *dxs.stride(), **config
             )
             dws = _wgrad(xs, gpre, gpre.stride(), c_pre, h, None, configs["wgrad"])
+        elif design == "hybrid2d":
+            dxs = dx[rows]
+            dws = _frame_stacked_conv_backward(gpre, xs, frame_weight, dxs, configs["fold"])
         else:
             dxs, dws, _ = torch.ops.aten.convolution_backward(
                 gpre, xs, weight, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1, [True, True, False]

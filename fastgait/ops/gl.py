@@ -9,7 +9,7 @@ and ``F = W_l * X``; on the rows either side of a border the local branch is ``l
 Implementations: ``"reference"`` (OpenGait's split-and-concatenate, the spec),
 ``"torch"`` (the engine in plain PyTorch, the CPU path), ``"triton"`` (the fused engine,
 ``fastgait::cut_conv3d``; ``design`` in :func:`gl_conv3d_triton`: ``"auto"``, the default, times
-the engine's two designs per shape on the GPU, see ``fastgait.ops.conv_engine``).
+the engine's designs per shape on the GPU, see ``fastgait.ops.conv_engine``).
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def gl_conv3d(
 def gl_conv3d_triton(x, weight_global, weight_local, halving, fm_sign=False, negative_slope=0.01,
                      design: str = DEFAULT_DESIGN) -> torch.Tensor:
     """:func:`gl_conv3d` with ``impl="triton"`` and a choice of the engine's design (``"auto"``, the
-    default: the faster per shape; ``"hybrid"`` or ``"gemm"``)."""
+    default: the fastest per shape; ``"hybrid"``, ``"hybrid2d"`` or ``"gemm"``)."""
     _check_inputs(x, weight_global, weight_local, halving, fm_sign)
     resolve_impl("triton", x.device, op=OP, has_torch=True, has_triton=True)
     cuts = Cuts("strips", gl_strip_rows(x.shape[3], halving))

@@ -9,8 +9,8 @@ Implementations:
 - ``"reference"``: three convolutions on materialised masked copies (the spec).
 - ``"torch"``: the row-cut engine in plain PyTorch (the CPU path).
 - ``"triton"``: the fused row-cut engine (``fastgait.ops.conv_engine``, ``kernels/conv_engine.py``),
-  registered with ``torch.library`` as ``fastgait::cut_conv3d`` with its backward. Two designs,
-  ``"hybrid"`` and ``"gemm"``; the default ``"auto"`` runs the faster one per shape on the GPU
+  registered with ``torch.library`` as ``fastgait::cut_conv3d`` with its backward. Three designs,
+  ``"hybrid"``, ``"hybrid2d"`` and ``"gemm"``; the default ``"auto"`` runs the fastest per shape on the GPU
   (forward and backward chosen apart, by timing; ``FASTGAIT_CONV_DESIGN`` overrides it), and
   :func:`mla_conv3d_triton`'s ``design`` picks one; see ``docs/mla_notes.md``.
 
@@ -36,7 +36,7 @@ from .reference import mla_conv3d_reference
 OP = "mla_conv3d"
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# DEFAULT_DESIGN ("auto"), DESIGNS (the two designs), DESIGN_CHOICES (what ``design`` accepts) and
+# DEFAULT_DESIGN ("auto"), DESIGNS (the designs), DESIGN_CHOICES (what ``design`` accepts) and
 # FALLBACK_DESIGN (what "auto" runs where it cannot time): the engine's (fastgait.ops.conv_engine).
 # The compile gate sets this module's DEFAULT_DESIGN to capture each design's launches.
 
@@ -97,13 +97,17 @@ def mla_conv3d_triton(
     """:func:`mla_conv3d` with ``impl="triton"`` and a choice of design (for benchmarks and tests).
 
     Args are those of :func:`mla_conv3d`, plus ``design``:
-    - ``"auto"`` (default): per shape, the faster of the two below on this GPU, the forward and
+    - ``"auto"`` (default): per shape, the fastest of the three below on this GPU, the forward and
       the backward chosen apart (each timed once per process on its first call; logged by
       ``fastgait.ops._autotune``); ``FALLBACK_DESIGN`` off CUDA and during CUDA-graph capture.
-      ``FASTGAIT_CONV_DESIGN=hybrid|gemm`` forces one.
+      ``FASTGAIT_CONV_DESIGN=hybrid|hybrid2d|gemm`` forces one.
     - ``"hybrid"``: the vendor convolution computes ``[G, F]`` with stacked weights; a Triton
       kernel computes ``P0`` on the boundary rows straight from X and applies the epilogue.
       Backward: vendor dgrad/wgrad on the gated gradient, Triton kernels for the delta terms.
+    - ``"hybrid2d"``: the hybrid with the vendor's 3x3x3 convolution, its dgrad and its wgrad
+      done as 2-D ones over frame-stacked channels (``[n*t, 3*c_in, h, w]``: cuDNN's NHWC 2-D
+      kernels; a stacked copy of X per chunk, and a Triton kernel folding the stacked dgrad
+      back into dX in fp32).
     - ``"gemm"``: a Triton implicit-GEMM convolution reads each X tile once for ``G``, ``F``
       and ``P0`` and applies the epilogue; backward dgrad and wgrad are Triton kernels too.
     """

@@ -71,6 +71,7 @@ PAPER = [
 ]
 SMOKE = [
     ConvConfig("tiny GL 4-8 3x8x6", "gl", 2, 4, 8, 3, 8, 6, halving=2),
+    ConvConfig("tiny RMFE 4-8 3x8x6", "rmfe", 2, 4, 8, 3, 8, 6),
     ConvConfig("tiny Inception-RMB 4-8 3x8x6", "inception", 2, 4, 8, 3, 8, 6, "concat", region="block"),
 ]
 PROVIDERS = {"gl": ("reference-eager", "reference-compiled", "torch", "triton-hybrid", "triton-gemm", "triton-auto"),
@@ -114,8 +115,10 @@ class ConvBench(h.OpBench):
             scale = (27 * config.c_in) ** -0.5
             return (torch.randn(config.c_out, config.c_in, 3, 3, 3, generator=gen, device=device) * scale).requires_grad_()
 
-        inputs = {"x": channels_last(config.c_in, config.h).requires_grad_(), "weight_global": weight(),
-                  "weight_local": weight(), "grad_out": channels_last(config.c_out, config.out_rows)}
+        inputs = {"x": channels_last(config.c_in, config.h).requires_grad_()}
+        if config.block != "rmfe":  # RMFE has one (shared) weight: a leaf it never reads would get no gradient
+            inputs["weight_global"] = weight()
+        inputs.update(weight_local=weight(), grad_out=channels_last(config.c_out, config.out_rows))
         if config.block != "gl":
             inputs["draw"] = draw_mask(config.region, 0.5, config.h, config.w, device, gen)
             inputs["scales"] = torch.rand(2, 2, generator=gen, device=device)

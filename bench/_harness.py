@@ -150,7 +150,7 @@ class Mode:
 
 # Run order with --benchmark (lower first), so that what matters most is measured before a
 # time budget runs out: the GaitMask step (the headline ratios), its per-kernel profile, the CASIA-B MLA blocks, GeM,
-# triplet, loaders, the other models' steps, the compiled references of GeM and triplet (their
+# triplet, the bare convolution forms, loaders, the other models' steps, the compiled references of GeM and triplet (their
 # torch.compile took 73 s and 29 s on the first H200 run: they come after every eager row, whose
 # targets are against the eager reference), the OUMVLP shapes.
 PRIORITY = {"headline-step": 10, "profile": 15, "mla": 20, "gem": 30, "triplet": 40, "data": 50, "step": 60,

@@ -15,8 +15,8 @@
 #
 # The whole run fits FASTGAIT_GPU_BUDGET_S seconds (default 570, under a 10-minute limit): the
 # GPU tests get at most FASTGAIT_GPU_TESTS_S (default 180, the first priority; 0 skips them); the benchmarks run in
-# priority order (the GaitMask step and its profile, the CASIA-B MLA blocks, the convolution
-# forms, GeM, triplet, loaders, the other models' steps, GeM's and triplet's compiled references,
+# priority order (the GaitMask step and its profile, the CASIA-B MLA blocks, GeM, triplet, the
+# convolution forms, loaders, the other models' steps, GeM's and triplet's compiled references,
 # OUMVLP shapes) and skip, with a reason, the cases that would end after the
 # deadline, so the report still runs. To fill in what was skipped, put the returned results file
 # into bench/results/ (it travels with the working tree) and call again the same day with the

@@ -43,7 +43,9 @@ class ConvConfig:
     t: int
     h: int
     w: int
-    priority: int = h.PRIORITY["mla"] + 5
+    # after GeM and triplet (their targets come first); the MLA rows' triton-hybrid2d already
+    # measures the frame-stacked form inside the block
+    priority: int = h.PRIORITY["triplet"] + 5
 
     def shape(self) -> dict:
         shape = asdict(self)

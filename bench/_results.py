@@ -1,5 +1,5 @@
 """Benchmark results as data: the row schema, ratios against the baselines, the targets of
-performance.md §2, and reading/writing ``bench/results/*.json``.
+performance.md §3, and reading/writing ``bench/results/*.json``.
 
 Used by the harness (while measuring) and by ``bench/report.py`` (afterwards); nothing here
 touches a GPU, so the report runs anywhere.
@@ -89,13 +89,13 @@ def finalise(rows: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Targets (performance.md §2)
+# Targets (performance.md §3)
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Target:
-    """One line of performance.md §2: rows of ``op``/``pass``/``providers`` (configs starting
+    """One line of performance.md §3: rows of ``op``/``pass``/``providers`` (configs starting
     with ``config_prefix``) must have ``field`` at most (``bound="max"``) or at least ``threshold``.
     ``label``: a few words for the summary a GPU run prints; ``text``: the target in full."""
 

@@ -1016,3 +1016,45 @@ def fold_frames_kernel(
         (t * stride_xt + h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :] * stride_xc
     )
     tl.store(dst, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def stack_frames_kernel(
+    x_ptr,
+    s_ptr,
+    T,
+    H,
+    W,
+    C,
+    stride_xn,
+    stride_xc,
+    stride_xt,
+    stride_xh,
+    stride_xw,
+    stride_sn,
+    stride_sc,
+    stride_st,
+    stride_sh,
+    stride_sw,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The stacked frames of a same-padded 3x3x3 convolution done as a 2-D one: frame ``t`` of
+    ``S [n, 3C, T, H, W]`` holds ``x[t-1], x[t], x[t+1]`` (``C`` channels each, zeros beyond the
+    clip). One pass: each program reads its tile of x and the neighbouring frames' (mostly from
+    L2: the programs of adjacent frames run close together) and writes the three slots.
+
+    Grid: ``(cdiv(T*H*W, BLOCK_M), cdiv(C, BLOCK_N), n)``. x_ptr ``[n, C, T, H, W]`` (strides
+    ``stride_x*``), s_ptr (strides ``stride_s*``).
+    """
+    n, t, h, w, m_ok, offs_c, c_ok = _sample_tile(T, H, W, C, BLOCK_M, BLOCK_N)
+    mask = m_ok[:, None] & c_ok[None, :]
+    src = x_ptr + n.to(tl.int64) * stride_xn + (
+        (t * stride_xt + h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :] * stride_xc
+    )
+    dst = s_ptr + n.to(tl.int64) * stride_sn + (
+        (t * stride_st + h * stride_sh + w * stride_sw)[:, None] + offs_c[None, :] * stride_sc
+    )
+    tl.store(dst, tl.load(src - stride_xt, mask=mask & (t > 0)[:, None], other=0.0), mask=mask)
+    tl.store(dst + C * stride_sc, tl.load(src, mask=mask, other=0.0), mask=mask)
+    tl.store(dst + 2 * C * stride_sc, tl.load(src + stride_xt, mask=mask & (t + 1 < T)[:, None], other=0.0), mask=mask)

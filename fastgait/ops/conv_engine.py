@@ -291,7 +291,7 @@ def launch_configs(
         "delta_dgrad": dict(BLOCK_M=row, BLOCK_N=block(c_in, 64, 16), **k_tiling(c_out, k_cap(c_out, c_in), gpu),
                             num_warps=8),
         "elementwise": dict(BLOCK_M=64 if gpu else 128, BLOCK_N=block(c_out, 32, 16), num_warps=8),
-        "fold": dict(BLOCK_M=64 if gpu else 128, BLOCK_N=block(c_in, 32, 16), num_warps=4),
+        "frames": dict(BLOCK_M=64 if gpu else 128, BLOCK_N=block(c_in, 32, 16), num_warps=4),  # stack / fold
         "wgrad": dict(BLOCK_M=64 if gpu else 256, BLOCK_O=_block(c_pre, 16, 128), num_warps=8),
     }
 
@@ -352,17 +352,17 @@ def _clips(frames: torch.Tensor, n: int) -> torch.Tensor:
     return frames.permute(0, 2, 3, 1).reshape(n, nt // n, h, w, c).permute(0, 4, 1, 2, 3)
 
 
-def _stacked_frames(x: torch.Tensor) -> torch.Tensor:
+def _stacked_frames(x: torch.Tensor, config: dict) -> torch.Tensor:
     """``[n*t, 3c, h, w]``, channels-last: frame ``t`` holds ``x[t-1], x[t], x[t+1]`` along channels
-    (zeros beyond the clip), the input of a same-padded 3x3x3 convolution as a 2-D one."""
+    (zeros beyond the clip), the input of a same-padded 3x3x3 convolution as a 2-D one; written in
+    one pass by ``stack_frames_kernel``."""
     n, c, t, h, w = x.shape
-    src = x.permute(0, 2, 3, 4, 1)  # [n, t, h, w, c]
     stacked = _alloc.empty(n, t, h, w, 3 * c, dtype=x.dtype, device=x.device)
-    stacked[:, 1:, :, :, :c] = src[:, :-1]
-    stacked[:, :1, :, :, :c] = 0
-    stacked[:, :, :, :, c : 2 * c] = src
-    stacked[:, :-1, :, :, 2 * c :] = src[:, 1:]
-    stacked[:, -1:, :, :, 2 * c :] = 0
+    clips = stacked.permute(0, 4, 1, 2, 3)  # [n, 3c, t, h, w]
+    _check_sample_extent(stacked=clips)
+    _kernels().stack_frames_kernel[(_cdiv(t * h * w, config["BLOCK_M"]), _cdiv(c, config["BLOCK_N"]), n)](
+        x, clips, t, h, w, c, *x.stride(), *clips.stride(), **config
+    )
     return stacked.view(n * t, h, w, 3 * c).permute(0, 3, 1, 2)
 
 
@@ -373,11 +373,11 @@ def _frame_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 1, 3, 4).reshape(c_dst, 3 * c_src, 3, 3).contiguous(memory_format=torch.channels_last)
 
 
-def _frame_stacked_conv(x: torch.Tensor, frame_weight: torch.Tensor) -> torch.Tensor:
+def _frame_stacked_conv(x: torch.Tensor, frame_weight: torch.Tensor, config: dict) -> torch.Tensor:
     """The "hybrid2d" forward: ``F.conv3d(x, weight, padding=1)`` as one 2-D convolution of the
     stacked frames (``_stacked_frames``, a temporary three times x's size) with ``_frame_weight``;
     equal up to summation order (one fp32 accumulation, one rounding, as the 3-D one)."""
-    return _clips(F.conv2d(_stacked_frames(x), frame_weight, padding=1), x.shape[0])
+    return _clips(F.conv2d(_stacked_frames(x, config), frame_weight, padding=1), x.shape[0])
 
 
 def _frame_stacked_conv_backward(grad: torch.Tensor, x: torch.Tensor, frame_weight: torch.Tensor,
@@ -388,7 +388,7 @@ def _frame_stacked_conv_backward(grad: torch.Tensor, x: torch.Tensor, frame_weig
     ``fold_frames_kernel`` (the three taps summed in fp32, rounded once)."""
     n, c_in, t, h, w = x.shape
     grad2d = _frames(grad)
-    stacked = _stacked_frames(x)
+    stacked = _stacked_frames(x, config)
     dw2d = torch.ops.aten.convolution_backward(
         grad2d, stacked, frame_weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
     )[1]
@@ -602,7 +602,8 @@ def _forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, 
             )  # fmt: skip
         else:
             # [G; F] by the vendor, a temporary of this chunk
-            pre = F.conv3d(xs, weight, padding=1) if design == "hybrid" else _frame_stacked_conv(xs, frame_weight)
+            pre = (F.conv3d(xs, weight, padding=1) if design == "hybrid"
+                   else _frame_stacked_conv(xs, frame_weight, configs["frames"]))
             _check_sample_extent(pre=pre)
             config = configs["elementwise"]
             kernels.cut_conv_epilogue_kernel[(_cdiv(plane, config["BLOCK_M"]), _cdiv(c_out, config["BLOCK_N"]), m)](
@@ -668,7 +669,7 @@ def _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, 
             dws = _wgrad(xs, gpre, gpre.stride(), c_pre, h, None, configs["wgrad"])
         elif design == "hybrid2d":
             dxs = dx[rows]
-            dws = _frame_stacked_conv_backward(gpre, xs, frame_weight, dxs, configs["fold"])
+            dws = _frame_stacked_conv_backward(gpre, xs, frame_weight, dxs, configs["frames"])
         else:
             dxs, dws, _ = torch.ops.aten.convolution_backward(
                 gpre, xs, weight, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False, [0, 0, 0], 1, [True, True, False]

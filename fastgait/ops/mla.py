@@ -106,8 +106,8 @@ def mla_conv3d_triton(
       Backward: vendor dgrad/wgrad on the gated gradient, Triton kernels for the delta terms.
     - ``"hybrid2d"``: the hybrid with the vendor's 3x3x3 convolution, its dgrad and its wgrad
       done as 2-D ones over frame-stacked channels (``[n*t, 3*c_in, h, w]``: cuDNN's NHWC 2-D
-      kernels; a stacked copy of X per chunk, and a Triton kernel folding the stacked dgrad
-      back into dX in fp32).
+      kernels; Triton kernels stack X per chunk and fold the stacked dgrad back into dX in
+      fp32).
     - ``"gemm"``: a Triton implicit-GEMM convolution reads each X tile once for ``G``, ``F``
       and ``P0`` and applies the epilogue; backward dgrad and wgrad are Triton kernels too.
     """

@@ -131,6 +131,8 @@ def _worker(rank, world, init_file, out_dir):
         results[name] = (loss.detach(), {k: v.detach() for k, v in info.items()},
                          [p.grad.clone() for p in model.parameters()])
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # every rank done with gloo before any tears it down (else: an occasional abort in its threads)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -91,6 +91,8 @@ def _bn_worker(rank, world, init_file, out_dir):
     y.backward(grad[rank::world])
     torch.save({"y": y.detach(), "dx": local.grad, "dw": model[0].weight.grad, "db": model[0].bias.grad,
                 "mean": model[0].running_mean, "var": model[0].running_var}, f"{out_dir}/bn{rank}.pt")
+    # every rank done with gloo before any tears it down (else: an occasional abort in its threads)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -977,6 +977,15 @@ def cut_conv_delta_dgrad_kernel(
 
 
 @triton.jit
+def _tile_ptrs(ptr, n, t, h, w, offs_c, stride_n, stride_c, stride_t, stride_h, stride_w):
+    """``[BM, BN]`` pointers of a ``_sample_tile`` tile (positions ``t, h, w`` by channels ``offs_c``)
+    of sample ``n`` in a ``[n, c, t, h, w]`` tensor: the sample's int64 base, int32 offsets within."""
+    return ptr + n.to(tl.int64) * stride_n + (
+        (t * stride_t + h * stride_h + w * stride_w)[:, None] + offs_c[None, :] * stride_c
+    )
+
+
+@triton.jit
 def fold_frames_kernel(
     ds_ptr,
     dx_ptr,
@@ -1006,15 +1015,11 @@ def fold_frames_kernel(
     """
     n, t, h, w, m_ok, offs_c, c_ok = _sample_tile(T, H, W, C, BLOCK_M, BLOCK_N)
     mask = m_ok[:, None] & c_ok[None, :]
-    src = ds_ptr + n.to(tl.int64) * stride_sn + (
-        (t * stride_st + h * stride_sh + w * stride_sw)[:, None] + offs_c[None, :] * stride_sc
-    )
+    src = _tile_ptrs(ds_ptr, n, t, h, w, offs_c, stride_sn, stride_sc, stride_st, stride_sh, stride_sw)
     acc = tl.load(src + C * stride_sc, mask=mask, other=0.0).to(tl.float32)
     acc += tl.load(src + stride_st, mask=mask & (t + 1 < T)[:, None], other=0.0).to(tl.float32)
     acc += tl.load(src + (2 * C * stride_sc - stride_st), mask=mask & (t > 0)[:, None], other=0.0).to(tl.float32)
-    dst = dx_ptr + n.to(tl.int64) * stride_xn + (
-        (t * stride_xt + h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :] * stride_xc
-    )
+    dst = _tile_ptrs(dx_ptr, n, t, h, w, offs_c, stride_xn, stride_xc, stride_xt, stride_xh, stride_xw)
     tl.store(dst, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -1049,12 +1054,8 @@ def stack_frames_kernel(
     """
     n, t, h, w, m_ok, offs_c, c_ok = _sample_tile(T, H, W, C, BLOCK_M, BLOCK_N)
     mask = m_ok[:, None] & c_ok[None, :]
-    src = x_ptr + n.to(tl.int64) * stride_xn + (
-        (t * stride_xt + h * stride_xh + w * stride_xw)[:, None] + offs_c[None, :] * stride_xc
-    )
-    dst = s_ptr + n.to(tl.int64) * stride_sn + (
-        (t * stride_st + h * stride_sh + w * stride_sw)[:, None] + offs_c[None, :] * stride_sc
-    )
+    src = _tile_ptrs(x_ptr, n, t, h, w, offs_c, stride_xn, stride_xc, stride_xt, stride_xh, stride_xw)
+    dst = _tile_ptrs(s_ptr, n, t, h, w, offs_c, stride_sn, stride_sc, stride_st, stride_sh, stride_sw)
     tl.store(dst, tl.load(src - stride_xt, mask=mask & (t > 0)[:, None], other=0.0), mask=mask)
     tl.store(dst + C * stride_sc, tl.load(src, mask=mask, other=0.0), mask=mask)
     tl.store(dst + 2 * C * stride_sc, tl.load(src + stride_xt, mask=mask & (t + 1 < T)[:, None], other=0.0), mask=mask)

@@ -126,7 +126,7 @@ def test_every_output_element_is_written(design):
         check_against_reference(f"triton-{design}", replace(CASES["wide"], c_in=3, c_out=5, seed=41))
 
 
-# hybrid2d runs the hybrid's Triton kernels on these paths (its own, the fold, is covered above)
+# hybrid2d runs the hybrid's Triton kernels on these paths (its own, stack and fold, are covered above)
 @pytest.mark.parametrize("design", ["hybrid", "gemm"])
 @pytest.mark.parametrize("layout", ["channels-last", "contiguous"])
 def test_channel_counts_in_whole_k_blocks(design, layout):

@@ -366,6 +366,11 @@ def _stacked_frames(x: torch.Tensor, config: dict) -> torch.Tensor:
     return stacked.view(n * t, h, w, 3 * c).permute(0, 3, 1, 2)
 
 
+def _stacked_channels(design: str, c_in: int) -> int:
+    """Channels of the stacked frames (hybrid2d: ``3*c_in``; the other designs have none)."""
+    return 3 * c_in if design == "hybrid2d" else 0
+
+
 def _frame_weight(weight: torch.Tensor) -> torch.Tensor:
     """``[c_dst, c_src, 3, 3, 3] -> [c_dst, 3*c_src, 3, 3]`` (input channel ``k*c_src + c`` is frame
     tap ``k``), channels-last: cuDNN then runs NHWC kernels, the dgrad's included."""
@@ -578,7 +583,8 @@ def _forward(x, weight_global, weight_local, cuts, fuse, terms, negative_slope, 
     gemm_pack = _forward_pack(_interleaved(weight_global, weight_local)) if design == "gemm" else None
     p_bytes = slots * t * w * c_out * 4 if has_cuts else 0
     # the biggest temporary: the vendor's [G; F] (hybrid), or the stacked frames (hybrid2d)
-    pre_bytes = {"gemm": 0, "hybrid": c_pre, "hybrid2d": max(c_pre, 3 * c_in)}[design] * plane * x.element_size()
+    pre_channels = 0 if design == "gemm" else max(c_pre, _stacked_channels(design, c_in))
+    pre_bytes = pre_channels * plane * x.element_size()
     frame_weight = _frame_weight(weight) if design == "hybrid2d" else None
     for rows in sample_chunks(n, max(pre_bytes, p_bytes)):
         xs, ys, gs, cs = x[rows], y[rows], gates[rows], cuts.chunk(rows)
@@ -638,7 +644,7 @@ def _backward(grad_y, x, weight_global, weight_local, cuts, gates, fuse, terms, 
     plane = t * h * w  # positions per sample
     _check_sample_extent(grad_y=grad_y)
     # by the biggest temporary's bytes per sample: gpre, or (hybrid2d) the stacked frames' gradient
-    chunks = sample_chunks(n, max(c_pre, 3 * c_in if design == "hybrid2d" else 0) * plane * x.element_size())
+    chunks = sample_chunks(n, max(c_pre, _stacked_channels(design, c_in)) * plane * x.element_size())
     dgrad_pack = _dgrad_pack(weight) if design == "gemm" else None
     delta_pack = _dgrad_pack(weight_local) if has_cuts else None
     frame_weight = _frame_weight(weight) if design == "hybrid2d" else None
